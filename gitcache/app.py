@@ -1,0 +1,59 @@
+"""``create_app(config)``: the application and its resources, one cleanup context each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from gitcache import keys
+from gitcache.cache.disk import DiskCache
+from gitcache.config import Config
+from gitcache.mirror.store import MirrorStore
+from gitcache.snapshot.service import SnapshotService
+from gitcache.tasks import TaskSet
+from gitcache.web.errors import error_middleware
+from gitcache.web.snapshot import snapshot
+
+SNAPSHOT_ROUTE = "/git/{host}/{repo:.+}/snapshot.tar.zst"
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the application. Nothing starts until it runs: resources are opened by the
+    cleanup contexts, in order, and closed in reverse."""
+    app = web.Application(middlewares=[error_middleware])
+    app[keys.CONFIG] = config
+    state = config.server.state_dir
+
+    async def task_set(app: web.Application) -> AsyncIterator[None]:
+        app[keys.TASKS] = TaskSet()
+        yield
+        # Generations and mirror updates belong to the app: abort them cleanly (their
+        # cleanup removes spools and temp dirs and kills their git children).
+        await app[keys.TASKS].close()
+
+    async def disk_cache(app: web.Application) -> AsyncIterator[None]:
+        cache = DiskCache(state / "cache", config.cache.disk.max_size)
+        await cache.start()
+        app[keys.CACHE] = cache
+        yield
+        await cache.close()
+
+    async def snapshots(app: web.Application) -> AsyncIterator[None]:
+        app[keys.MIRRORS] = MirrorStore(config, app[keys.TASKS], clock)
+        service = SnapshotService(
+            config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], clock
+        )
+        service.clean_leftovers()
+        app[keys.SNAPSHOTS] = service
+        yield
+
+    app.cleanup_ctx.extend([task_set, disk_cache, snapshots])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get(SNAPSHOT_ROUTE, snapshot)
+    return app

@@ -1,0 +1,342 @@
+"""Configuration: frozen value objects loaded from TOML, overridden from the environment,
+validated once at start-up.
+
+Every error names the offending key (``server.listen: ...``) so that a bad deployment fails
+at once with a message an operator can act on, not later with a stack trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_STATE_DIR = "/var/lib/gitcache"
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_FETCH_INTERVAL = 60.0
+DEFAULT_CLONE_TIMEOUT = 3600.0
+DEFAULT_FETCH_TIMEOUT = 600.0
+DEFAULT_GIT_TIMEOUT = 60.0
+DEFAULT_ZSTD_LEVEL = 3
+DEFAULT_ZSTD_THREADS = 0
+DEFAULT_DISK_MAX_SIZE = 50 * 1024**3
+DEFAULT_LOG_LEVEL = "INFO"
+
+ENV_CONFIG = "GITCACHE_CONFIG"
+ENV_PREFIX = "GITCACHE_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class MirrorsConfig:
+    fetch_interval: float = DEFAULT_FETCH_INTERVAL
+    clone_timeout: float = DEFAULT_CLONE_TIMEOUT
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    git_timeout: float = DEFAULT_GIT_TIMEOUT
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    zstd_threads: int = DEFAULT_ZSTD_THREADS
+
+
+@dataclass(frozen=True)
+class DiskCacheConfig:
+    max_size: int = DEFAULT_DISK_MAX_SIZE
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: str = "disk"
+    disk: DiskCacheConfig = field(default_factory=DiskCacheConfig)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str
+    url: str
+
+    def url_for(self, repo: str) -> str:
+        return self.url.replace("{repo}", repo)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = DEFAULT_LOG_LEVEL
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    mirrors: MirrorsConfig = field(default_factory=MirrorsConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``90``, ``"1.5s"``, ``"10m"``, ``"2h"``, ``"7d"`` or ``"250ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30s' or '10m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as '30s' or '10m'")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    else:
+        raise ValueError("expected a duration such as '30s' or '10m'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '512MiB' or '50GiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not match or match[2].lower() not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size such as '512MiB' or '50GiB'")
+        size = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    else:
+        raise ValueError("expected a size such as '512MiB' or '50GiB'")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+def _parse_int(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected a whole number")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _parse_listen(value: object) -> str:
+    text = _parse_str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def _parse_choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
+        return str(value)
+
+    return parse
+
+
+def _parse_level(value: object) -> str:
+    return _parse_choice("DEBUG", "INFO", "WARNING", "ERROR")(str(value).upper())
+
+
+def _parse_upstream_url(value: object) -> str:
+    url = _parse_str(value)
+    if "{repo}" not in url:
+        raise ValueError("must contain '{repo}', e.g. 'https://github.com/{repo}.git'")
+    if not re.match(r"(https?|file)://", url):
+        raise ValueError("must start with https://, http:// or file://")
+    return url
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
+    "server": {
+        "listen": _parse_listen,
+        "state_dir": lambda v: Path(_parse_str(v)),
+        "shutdown_timeout": parse_duration,
+    },
+    "mirrors": {
+        "fetch_interval": parse_duration,
+        "clone_timeout": parse_duration,
+        "fetch_timeout": parse_duration,
+        "git_timeout": parse_duration,
+    },
+    "snapshot": {"zstd_level": _parse_int(-7, 22), "zstd_threads": _parse_int(-1, 64)},
+    "cache": {"backend": _parse_choice("disk")},
+    "cache.disk": {"max_size": parse_size},
+    "log": {"level": _parse_level},
+}
+_UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {"url": _parse_upstream_url}
+
+
+def _build(cls: type[_T], name: str, table: object, **extra: object) -> _T:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: expected a table")
+    parsers = _SECTIONS.get(name, _UPSTREAM_KEYS)
+    allowed = parsers.keys() | (extra.keys() - {"host"})  # nested tables come as extra
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}: unknown key")
+    values: dict[str, Any] = dict(extra)
+    for key, parse in parsers.items():
+        if key in table:
+            try:
+                values[key] = parse(table[key])
+            except ValueError as exc:
+                raise ConfigError(f"{name}.{key}: {exc}") from None
+    return cls(**values)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``GITCACHE_SERVER_LISTEN=…`` overrides ``[server] listen``, and so on for every
+    scalar key of every section; nested sections join with ``_``
+    (``GITCACHE_CACHE_DISK_MAX_SIZE``)."""
+    for section, parsers in _SECTIONS.items():
+        for key in parsers:
+            env = ENV_PREFIX + f"{section}_{key}".replace(".", "_").upper()
+            if env in environ:
+                table = data
+                for part in section.split("."):
+                    table = table.setdefault(part, {})
+                raw = environ[env]
+                table[key] = int(raw) if re.fullmatch(r"-?\d+", raw) else raw
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (or ``$GITCACHE_CONFIG``, or the embedded default), apply environment
+    overrides, validate, and return the frozen config."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_CONFIG):
+        path = Path(environ[ENV_CONFIG])
+    try:
+        if path is None:
+            text = resources.files("gitcache").joinpath("default.toml").read_text("utf-8")
+        else:
+            text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path or 'default config'}: {exc}") from None
+    return config_from_dict(data, environ)
+
+
+def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document (tests build configs this way)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    _apply_env(data, environ or {})
+    for key in data:
+        if key not in {"server", "mirrors", "snapshot", "cache", "log", "upstreams"}:
+            raise ConfigError(f"{key}: unknown section")
+    cache_table = data.get("cache", {})
+    if not isinstance(cache_table, dict):
+        raise ConfigError("cache: expected a table")
+    disk = _build(DiskCacheConfig, "cache.disk", cache_table.get("disk", {}))
+    upstreams: dict[str, UpstreamConfig] = {}
+    raw_upstreams = data.get("upstreams", {})
+    if not isinstance(raw_upstreams, dict):
+        raise ConfigError("upstreams: expected a table of hosts")
+    for host, table in raw_upstreams.items():
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:\d{1,5})?", host):
+            raise ConfigError(f"upstreams.{host}: not a lower-case host name")
+        if not isinstance(table, dict) or "url" not in table:
+            raise ConfigError(f"upstreams.{host}.url: missing")
+        upstreams[host] = _build(UpstreamConfig, f"upstreams.{host}", table, host=host)
+    if not upstreams:
+        raise ConfigError("upstreams: at least one upstream host must be configured")
+    return Config(
+        server=_build(ServerConfig, "server", data.get("server", {})),
+        mirrors=_build(MirrorsConfig, "mirrors", data.get("mirrors", {})),
+        snapshot=_build(SnapshotConfig, "snapshot", data.get("snapshot", {})),
+        cache=_build(CacheConfig, "cache", cache_table, disk=disk),
+        log=_build(LogConfig, "log", data.get("log", {})),
+        upstreams=upstreams,
+    )
+
+
+def dump_config(config: Config) -> str:
+    """The effective configuration as TOML, for ``gitcache check-config``."""
+    lines: list[str] = []
+
+    def emit(header: str, obj: object) -> None:
+        lines.append(f"[{header}]")
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) or f.name == "host":
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+
+    emit("server", config.server)
+    emit("mirrors", config.mirrors)
+    emit("snapshot", config.snapshot)
+    emit("cache", config.cache)
+    emit("cache.disk", config.cache.disk)
+    emit("log", config.log)
+    for host, upstream in config.upstreams.items():
+        emit(f'upstreams."{host}"', upstream)
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,84 @@
+"""The exception tree. Every error a client can see is a :class:`GitcacheError` carrying its
+HTTP status and a stable machine-readable ``code``; the web layer turns it into
+``{"error": message, "code": code}``. Foreign exceptions are mapped into this tree at the
+boundary where they happen (``raise … from exc``), never in the handlers.
+
+    GitcacheError (500)
+    ├── BadRequest (400)          malformed repository path or ref
+    ├── NotFound (404)            host not configured, repository or ref unknown upstream
+    ├── PreconditionFailed (412)
+    ├── RangeNotSatisfiable (416)
+    ├── UpstreamError (502)       the upstream failed
+    │   └── UpstreamTimeout (504) the upstream did not answer in time
+    ├── GitError (500)            a local git command failed
+    └── GenerationFailed (500)    building a snapshot failed
+"""
+
+from __future__ import annotations
+
+
+class GitcacheError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code}
+
+
+class BadRequest(GitcacheError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(GitcacheError):
+    status = 404
+    code = "not_found"
+
+
+class PreconditionFailed(GitcacheError):
+    status = 412
+    code = "precondition_failed"
+
+
+class RangeNotSatisfiable(GitcacheError):
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__("the requested range is not satisfiable")
+        self.size = size
+
+
+class UpstreamError(GitcacheError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class GitError(GitcacheError):
+    """A git command failed; ``stderr`` has its (credential-masked) complaint."""
+
+    code = "git_error"
+
+    def __init__(self, message: str, *, stderr: str = "", returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+        self.returncode = returncode
+
+
+class GitTimeout(GitError):
+    code = "git_timeout"
+
+
+class GenerationFailed(GitcacheError):
+    code = "generation_failed"

@@ -1,0 +1,17 @@
+"""Typed application keys: the resources ``create_app`` puts on the application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gitcache.cache.disk import DiskCache
+from gitcache.config import Config
+from gitcache.mirror.store import MirrorStore
+from gitcache.snapshot.service import SnapshotService
+from gitcache.tasks import TaskSet
+
+CONFIG = web.AppKey("config", Config)
+TASKS = web.AppKey("tasks", TaskSet)
+MIRRORS = web.AppKey("mirrors", MirrorStore)
+CACHE = web.AppKey("cache", DiskCache)
+SNAPSHOTS = web.AppKey("snapshots", SnapshotService)

@@ -1,0 +1,1 @@
+"""Bare mirrors of upstream repositories: cloning, fetching, locking, and the git runner."""

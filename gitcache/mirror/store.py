@@ -1,0 +1,198 @@
+"""Bare mirrors under ``<state>/mirrors/<host>/<repo>.git``.
+
+A mirror is cloned once (into a temporary directory, then renamed into place, so a killed
+clone leaves nothing half-made) and fetched when it is older than the freshness window.
+Concurrent requests for one repository share one clone or fetch. Only branches and tags
+are mirrored: ``refs/pull/*`` and the like would bloat every snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gitcache.config import Config
+from gitcache.errors import GitError, GitTimeout, NotFound, UpstreamError, UpstreamTimeout
+from gitcache.mirror.lock import RWLock
+from gitcache.mirror.refs import RefState, read_ref_state
+from gitcache.mirror.runner import run_git
+from gitcache.repo import RepoRef
+from gitcache.tasks import Coalescer, TaskSet
+
+log = logging.getLogger(__name__)
+
+FETCH_STAMP = "gitcache-fetched"
+REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+# Mirrors are maintained by gitcache itself; git must not start a detached gc or
+# maintenance child that would outlive the fetch and repack under a running generation.
+MIRROR_CONFIG = {
+    "gc.auto": "0",
+    "maintenance.auto": "false",
+    "fetch.writeCommitGraph": "false",
+    "core.logAllRefUpdates": "false",
+}
+
+_NOT_FOUND_HINTS = (
+    "not found",
+    "does not appear to be a git repository",
+    "could not read username",
+    "authentication failed",
+    "terminal prompts disabled",
+    "returned error: 401",
+    "returned error: 403",
+    "returned error: 404",
+)
+
+
+@dataclass
+class Mirror:
+    repo: RepoRef
+    path: Path
+    url: str
+    lock: RWLock = field(default_factory=RWLock)
+    refs: RefState | None = None
+    fetched_at: float = 0.0
+
+
+def upstream_failure(repo: RepoRef, exc: GitError) -> Exception:
+    """Map a failed clone/fetch/ls-remote into what the client should be told."""
+    if isinstance(exc, GitTimeout):
+        return UpstreamTimeout(f"the upstream of {repo.name} did not answer in time")
+    text = exc.stderr.lower()
+    if any(hint in text for hint in _NOT_FOUND_HINTS):
+        return NotFound(f"repository {repo.name} not found upstream", code="repo_not_found")
+    last = exc.stderr.splitlines()[-1] if exc.stderr else str(exc)
+    return UpstreamError(f"the upstream of {repo.name} failed: {last}")
+
+
+class MirrorStore:
+    def __init__(self, config: Config, tasks: TaskSet, clock: Callable[[], float] = time.time):
+        self._config = config
+        self.root = config.server.state_dir / "mirrors"
+        self.tmp = config.server.state_dir / "tmp"
+        self._clock = clock
+        self._mirrors: dict[RepoRef, Mirror] = {}
+        self._updates: Coalescer[Mirror] = Coalescer(tasks)
+        self.clones = 0
+        self.fetches = 0
+
+    def mirror(self, repo: RepoRef) -> Mirror:
+        """The in-memory handle of a repository's mirror (it may not exist on disk yet)."""
+        mirror = self._mirrors.get(repo)
+        if mirror is None:
+            path = self.root / repo.host / f"{repo.slug}.git"
+            url = self._config.upstreams[repo.host].url_for(repo.path)
+            mirror = self._mirrors[repo] = Mirror(repo, path, url)
+            stamp = path / FETCH_STAMP
+            if stamp.exists():
+                mirror.fetched_at = stamp.stat().st_mtime
+        return mirror
+
+    async def ensure(self, repo: RepoRef, max_age: float | None = None) -> Mirror:
+        """Return the mirror with its refs loaded, cloning it if missing and fetching it if
+        its last fetch is older than ``max_age`` (default: the configured window)."""
+        mirror = self.mirror(repo)
+        window = self._config.mirrors.fetch_interval if max_age is None else max_age
+        if mirror.refs is not None and self._clock() - mirror.fetched_at <= window:
+            return mirror
+        return await self._updates.run(repo, lambda: self._update(mirror, window))
+
+    async def _update(self, mirror: Mirror, window: float) -> Mirror:
+        if not (mirror.path / "HEAD").exists():
+            await self._clone(mirror)
+        elif self._clock() - mirror.fetched_at > window:
+            await self._fetch(mirror)
+        else:  # fresh on disk, first use since start-up
+            mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
+        return mirror
+
+    async def _clone(self, mirror: Mirror) -> None:
+        cfg = self._config.mirrors
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"clone-{uuid.uuid4().hex}"
+        log.info("cloning %s", mirror.repo.name)
+        started = time.monotonic()
+        try:
+            config_args = [a for k, v in MIRROR_CONFIG.items() for a in ("-c", f"{k}={v}")]
+            try:
+                await run_git(
+                    ["clone", "--bare", "--quiet", *config_args, "--", mirror.url, str(tmp)],
+                    timeout=cfg.clone_timeout,
+                )
+            except GitError as exc:
+                raise upstream_failure(mirror.repo, exc) from exc
+            await self._configure(tmp)
+            await self._pack_refs(tmp)
+            refs = await asyncio.to_thread(read_ref_state, tmp)
+            mirror.path.parent.mkdir(parents=True, exist_ok=True)
+            (tmp / FETCH_STAMP).touch()
+            os.rename(tmp, mirror.path)
+        finally:
+            if tmp.exists():
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+        self.clones += 1
+        mirror.refs, mirror.fetched_at = refs, self._clock()
+        log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+
+    async def _fetch(self, mirror: Mirror) -> None:
+        cfg = self._config.mirrors
+        started = time.monotonic()
+        async with mirror.lock.write():
+            try:
+                # The upstream may have changed its default branch; fetch does not say.
+                _, head = await asyncio.gather(
+                    run_git(
+                        ["-C", str(mirror.path), "fetch", "--prune", "--quiet", "origin"],
+                        timeout=cfg.fetch_timeout,
+                    ),
+                    run_git(
+                        ["-C", str(mirror.path), "ls-remote", "--symref", "origin", "HEAD"],
+                        timeout=cfg.git_timeout,
+                    ),
+                )
+            except GitError as exc:
+                raise upstream_failure(mirror.repo, exc) from exc
+            target = _symref_target(head)
+            if target:
+                await run_git(
+                    ["-C", str(mirror.path), "symbolic-ref", "HEAD", target],
+                    timeout=cfg.git_timeout,
+                )
+            await self._pack_refs(mirror.path)
+            mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
+            (mirror.path / FETCH_STAMP).touch()
+        self.fetches += 1
+        mirror.fetched_at = self._clock()
+        log.info("fetched %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+
+    async def _configure(self, git_dir: Path) -> None:
+        timeout = self._config.mirrors.git_timeout
+        base = ["-C", str(git_dir), "config"]
+        await run_git([*base, "--replace-all", "remote.origin.fetch", REFSPECS[0]], timeout=timeout)
+        await run_git([*base, "--add", "remote.origin.fetch", REFSPECS[1]], timeout=timeout)
+        # archive must give the tree a checkout gives: no export-ignore, no export-subst.
+        (git_dir / "info").mkdir(exist_ok=True)
+        (git_dir / "info" / "attributes").write_text("* -export-ignore -export-subst\n")
+
+    async def _pack_refs(self, git_dir: Path) -> None:
+        await run_git(
+            ["-C", str(git_dir), "pack-refs", "--all", "--prune"],
+            timeout=self._config.mirrors.git_timeout,
+        )
+
+
+def _symref_target(ls_remote: bytes) -> str | None:
+    """``ref: refs/heads/main\\tHEAD`` → ``refs/heads/main``."""
+    for line in ls_remote.decode("utf-8", "replace").splitlines():
+        if line.startswith("ref: ") and line.endswith("\tHEAD"):
+            target = line[len("ref: ") : -len("\tHEAD")]
+            if target.startswith("refs/heads/") and ".." not in target:
+                return target
+    return None

@@ -1,0 +1,1 @@
+"""Snapshots: tar assembly straight from a mirror, zstd, and the shared generation."""

@@ -1,0 +1,174 @@
+"""Build a snapshot's tar straight from a bare mirror: no temporary checkout.
+
+    .git/HEAD, config, packed-refs, refs/…, info/exclude   generated in memory
+    .git/objects/…                                        the mirror's packs and loose
+                                                          objects, hard-linked (pinned)
+    .git/index                                            git read-tree into a temp file
+    <working tree>                                        git archive, passed through
+
+The first bytes leave as soon as the small files are framed, whatever the repository's
+size. Pinning (hard-linking the object files into the generation's work directory) is the
+only step under the mirror's read lock; after it, a repack may delete the mirror's files
+without touching the ones the snapshot is made of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+from gitcache.errors import GitError, NotFound
+from gitcache.mirror.refs import Checkout
+from gitcache.mirror.runner import git_env, run_git, stream_git
+from gitcache.mirror.store import Mirror
+from gitcache.snapshot import gitdir
+from gitcache.snapshot.tarstream import (
+    dir_entry,
+    file_entry,
+    header,
+    padding,
+    skip_global_header,
+)
+
+CHUNK = 1024 * 1024
+_PACK_FILE = re.compile(r"pack-[0-9a-f]+\.(pack|idx|rev|bitmap)")
+_LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copy2(src, dst)
+
+
+def pin_objects(git_dir: Path, work: Path) -> list[str]:
+    """Hard-link every complete pack and every loose object of ``git_dir`` into ``work``;
+    return their paths relative to ``work`` (``objects/pack/pack-….pack``, …)."""
+    objects = git_dir / "objects"
+    pinned: list[str] = []
+    pack_dir = objects / "pack"
+    names = set(os.listdir(pack_dir)) if pack_dir.is_dir() else set()
+    (work / "objects" / "pack").mkdir(parents=True, exist_ok=True)
+    for name in sorted(names):
+        # A pack counts only with its index: an .idx is renamed into place last.
+        if _PACK_FILE.fullmatch(name) and name.rsplit(".", 1)[0] + ".idx" in names:
+            _link_or_copy(pack_dir / name, work / "objects" / "pack" / name)
+            pinned.append(f"objects/pack/{name}")
+    for sub in sorted(os.listdir(objects)):
+        if not _LOOSE_DIR.fullmatch(sub):
+            continue
+        (work / "objects" / sub).mkdir(exist_ok=True)
+        for name in sorted(os.listdir(objects / sub)):
+            if not name.startswith("tmp_"):
+                _link_or_copy(objects / sub / name, work / "objects" / sub / name)
+                pinned.append(f"objects/{sub}/{name}")
+    return pinned
+
+
+async def _file_chunks(
+    name: str, path: Path, *, mtime: int, mode: int = 0o444
+) -> AsyncGenerator[bytes, None]:
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        yield header(name, size=size, mode=mode, mtime=mtime)
+        remaining = size
+        while remaining:
+            chunk = await asyncio.to_thread(f.read, min(CHUNK, remaining))
+            if not chunk:
+                raise GitError(f"{name} shrank while it was being read")
+            remaining -= len(chunk)
+            yield chunk
+        yield padding(size)
+
+
+async def build_tar(
+    mirror: Mirror, checkout: Checkout, work: Path, *, git_timeout: float
+) -> AsyncGenerator[bytes, None]:
+    """Yield the snapshot's tar stream in chunks. ``work`` is an empty directory on the
+    same filesystem as the mirror, owned by the caller (it removes it afterwards)."""
+    assert mirror.refs is not None
+    refs, commit = mirror.refs, checkout.commit
+    git_dir = str(mirror.path)
+    try:
+        await run_git(
+            ["--git-dir", git_dir, "cat-file", "-e", f"{commit}^{{commit}}"], timeout=git_timeout
+        )
+    except GitError:
+        raise NotFound(
+            f"commit {commit} not found in {mirror.repo.name}", code="ref_not_found"
+        ) from None
+    async with mirror.lock.read():
+        pinned = await asyncio.to_thread(pin_objects, mirror.path, work)
+        objformat = await asyncio.to_thread(gitdir.object_format, mirror.path)
+
+    hermetic = git_env(hermetic=True)
+    index = work / "index"
+    read_tree = asyncio.ensure_future(
+        run_git(
+            ["--git-dir", git_dir, "read-tree", commit],
+            timeout=git_timeout,
+            env={**hermetic, "GIT_INDEX_FILE": str(index)},
+        )
+    )
+    try:
+        now = int(time.time())
+        small = [dir_entry(".git", mtime=now)]
+        small.append(file_entry(".git/HEAD", gitdir.head_file(checkout), mtime=now))
+        small.append(
+            file_entry(
+                ".git/config", gitdir.config_file(mirror.url, checkout, objformat), mtime=now
+            )
+        )
+        small.append(
+            file_entry(".git/packed-refs", gitdir.packed_refs_file(refs, checkout), mtime=now)
+        )
+        for d in (
+            "refs",
+            "refs/heads",
+            "refs/tags",
+            "refs/remotes",
+            "refs/remotes/origin",
+            "info",
+            "objects",
+            "objects/info",
+            "objects/pack",
+        ):
+            small.append(dir_entry(f".git/{d}", mtime=now))
+        origin_head = gitdir.origin_head_file(refs)
+        if origin_head is not None:
+            small.append(file_entry(".git/refs/remotes/origin/HEAD", origin_head, mtime=now))
+        small.append(file_entry(".git/info/exclude", gitdir.INFO_EXCLUDE, mtime=now))
+        for d in sorted({p.rsplit("/", 1)[0] for p in pinned} - {"objects/pack"}):
+            small.append(dir_entry(f".git/{d}", mtime=now))
+        yield b"".join(small)
+
+        for rel in pinned:
+            async for chunk in _file_chunks(f".git/{rel}", work / rel, mtime=now):
+                yield chunk
+        await read_tree
+        async for chunk in _file_chunks(".git/index", index, mtime=now, mode=0o644):
+            yield chunk
+
+        archive = ["--git-dir", git_dir, "-c", "tar.umask=022", "archive", "--format=tar", commit]
+        async with stream_git(archive, env=hermetic) as proc:
+            try:
+                yield await skip_global_header(proc.stdout)
+            except asyncio.IncompleteReadError:
+                await proc.check()
+                raise
+            while chunk := await proc.stdout.read(CHUNK):
+                yield chunk
+            await proc.check()
+    finally:
+        if not read_tree.done():
+            read_tree.cancel()
+        await asyncio.gather(read_tree, return_exceptions=True)

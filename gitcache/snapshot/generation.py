@@ -1,0 +1,182 @@
+"""One generation: a snapshot's tar stream compressed with zstd into a spool file, which
+every client of that snapshot tails, the first and any that join later.
+
+The generation runs as an application task and never waits for a reader: readers follow
+the spool file at their own pace from their own file descriptor, so a slow or vanished
+client costs nothing. The spool is hashed while written, verified (size and sha256, read
+back from disk) at the end, and only then do readers see the end of the stream; on failure
+they get an error instead, and the spool is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+
+import zstandard
+
+from gitcache.errors import GenerationFailed, GitcacheError
+from gitcache.tasks import run_blocking
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+
+
+class SpoolWriter:
+    """zstd-compresses into a new file, counting and hashing what it writes. Its methods
+    block (compression is CPU work): call them off the event loop, one at a time."""
+
+    def __init__(self, path: Path, level: int, threads: int) -> None:
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._zstd = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+
+    def write(self, data: bytes, *, flush: bool = False) -> int:
+        out = self._zstd.compress(data)
+        if flush:
+            # Hand what we have to the readers now (the first bytes of a miss).
+            out += self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        self._emit(out)
+        return self.size
+
+    def finish(self, data: bytes) -> int:
+        self._emit(self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+        os.fsync(self._fd)
+        self.close()
+        return self.size
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def _emit(self, out: bytes) -> None:
+        view = memoryview(out)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._hash.update(out)
+        self.size += len(out)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+class Generation:
+    """The shared state of one running generation, as its readers see it."""
+
+    def __init__(self, key: str, commit: str, spool: Path) -> None:
+        self.key = key
+        self.commit = commit
+        self.spool = spool
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.followers = 0
+        self._changed = asyncio.Event()
+        self._fd: int | None = None
+
+    def open_spool(self) -> None:
+        """Open the read side; from now on readers can join (call right after creating the
+        spool). Readers duplicate this descriptor, so renaming or deleting the spool
+        never cuts them off."""
+        self._fd = os.open(self.spool, os.O_RDONLY)
+
+    def close_spool(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def advance(self, size: int) -> None:
+        self.size = size
+        self._notify()
+
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+
+    def reader(self) -> AsyncGenerator[bytes, None]:
+        """A new reader from the first byte. Synchronous up to the ``dup`` so that a
+        reader joined in the same step as a lookup can never miss the spool."""
+        if self._fd is None:
+            raise GenerationFailed("the generation is not accepting readers")
+        return self._read(os.dup(self._fd))
+
+    async def _read(self, fd: int) -> AsyncGenerator[bytes, None]:
+        offset = 0
+        try:
+            while True:
+                if offset < self.size:
+                    chunk = await asyncio.to_thread(
+                        os.pread, fd, min(CHUNK, self.size - offset), offset
+                    )
+                    offset += len(chunk)
+                    yield chunk
+                elif self.error is not None:
+                    if isinstance(self.error, GitcacheError):
+                        raise GenerationFailed(f"snapshot generation failed: {self.error.message}")
+                    raise GenerationFailed("snapshot generation failed")
+                elif self.done:
+                    return
+                else:
+                    await self._changed.wait()
+        finally:
+            os.close(fd)
+
+
+async def write_spool(
+    generation: Generation, chunks: AsyncIterator[bytes], writer: SpoolWriter
+) -> tuple[int, str]:
+    """Compress ``chunks`` through ``writer`` into the generation's spool, advancing its
+    readers; verify the file against what was written and return its size and sha256.
+    The caller closes the writer and removes the spool on failure."""
+    try:
+        batch = bytearray()
+        first = True
+        async for chunk in chunks:
+            batch += chunk
+            if first or len(batch) >= CHUNK:
+                size = await run_blocking(writer.write, bytes(batch), flush=first)
+                generation.advance(size)
+                batch.clear()
+                first = False
+        generation.advance(await run_blocking(writer.finish, bytes(batch)))
+    finally:
+        writer.close()
+    size, sha256 = await asyncio.to_thread(hash_file, generation.spool)
+    if size != writer.size or sha256 != writer.sha256:
+        raise GenerationFailed(
+            f"spool verification failed: wrote {writer.size} bytes, read back {size}"
+        )
+    return size, sha256
+
+
+def remove_spool(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

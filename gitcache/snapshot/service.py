@@ -1,0 +1,227 @@
+"""From a validated request to the bytes of a snapshot: a hit from the cache, a follower
+of a running generation, or a new generation (a miss).
+
+    newest cached entry for the ref, still fresh?  ──yes──► hit
+    │no
+    mirror.ensure (clone / fetch when stale) → resolve the ref → key
+    generation running for the key?  ──yes──► follower
+    cached entry for the key?        ──yes──► hit (and it is fresh again)
+    start a generation               ───────► miss
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+from gitcache.cache.base import Cache, Entry, Reader
+from gitcache.config import Config
+from gitcache.errors import GitError, NotFound
+from gitcache.mirror.refs import Checkout
+from gitcache.mirror.runner import run_git
+from gitcache.mirror.store import Mirror, MirrorStore
+from gitcache.repo import RefSpec, RepoRef
+from gitcache.snapshot.assemble import build_tar
+from gitcache.snapshot.generation import Generation, SpoolWriter, remove_spool, write_spool
+from gitcache.tasks import TaskSet, run_blocking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    reader: Reader
+    source: str = "hit"
+
+    @property
+    def commit(self) -> str:
+        return self.reader.entry.commit
+
+
+@dataclass
+class Stream:
+    """A snapshot being generated; ``body`` is None for a HEAD request."""
+
+    commit: str
+    source: str
+    body: AsyncGenerator[bytes, None] | None
+
+
+def snapshot_key(ref: str, checkout: Checkout, refs_digest: str) -> str:
+    """Unique per what a snapshot contains: the ref asked for, what it checks out, and
+    every ref in it. The commit prefix keeps cache listings readable."""
+    h = hashlib.sha256(f"{ref}\n{checkout.commit}\n{checkout.branch}\n{refs_digest}".encode())
+    return f"{checkout.commit[:12]}-{h.hexdigest()[:20]}"
+
+
+class SnapshotService:
+    def __init__(
+        self,
+        config: Config,
+        mirrors: MirrorStore,
+        cache: Cache,
+        tasks: TaskSet,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._mirrors = mirrors
+        self._cache = cache
+        self._tasks = tasks
+        self._clock = clock
+        self._spool_dir = config.server.state_dir / "spool"
+        self._tmp_dir = config.server.state_dir / "tmp"
+        self._generations: dict[tuple[RepoRef, str], Generation] = {}
+        self.generations_started = 0
+
+    def clean_leftovers(self) -> None:
+        """At start-up, before anything runs: spools and temp dirs of a previous process
+        are incomplete by definition."""
+        for directory in (self._spool_dir, self._tmp_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def running(self) -> int:
+        return len(self._generations)
+
+    async def serve(self, repo: RepoRef, spec: RefSpec, *, start: bool = True) -> Hit | Stream:
+        """Find or make the snapshot of ``repo`` at ``spec``. With ``start=False`` (HEAD)
+        no generation is started: a miss comes back with no body."""
+        entry = await self._cache.newest(repo, spec.label)
+        if entry is not None and self._clock() - entry.fetched_at <= self._fetch_interval:
+            hit = await self._open(repo, entry)
+            if hit is not None:
+                return hit
+
+        mirror = await self._mirrors.ensure(repo)
+        assert mirror.refs is not None
+        checkout = mirror.refs.resolve(spec)
+        if spec.sha is not None:
+            await self._require_commit(mirror, spec.sha)
+        key = snapshot_key(spec.label, checkout, mirror.refs.digest)
+
+        stream = self._follow(repo, key, start)
+        if stream is not None:
+            return stream
+        entry = await self._cache.get(repo, key)
+        if entry is not None:
+            if entry.fetched_at < mirror.fetched_at:
+                await self._cache.touch(repo, entry, mirror.fetched_at)
+            hit = await self._open(repo, entry)
+            if hit is not None:
+                return hit
+        # Looked up again: a generation may have started while the cache was read.
+        stream = self._follow(repo, key, start)
+        if stream is not None:
+            return stream
+        if not start:
+            return Stream(checkout.commit, "miss", None)
+        generation = self._start(repo, mirror, spec, checkout, key)
+        return Stream(checkout.commit, "miss", generation.reader())
+
+    @property
+    def _fetch_interval(self) -> float:
+        return self._config.mirrors.fetch_interval
+
+    async def _open(self, repo: RepoRef, entry: Entry) -> Hit | None:
+        reader = await self._cache.open(repo, entry)
+        return Hit(reader) if reader is not None else None
+
+    def _follow(self, repo: RepoRef, key: str, start: bool) -> Stream | None:
+        generation = self._generations.get((repo, key))
+        if generation is None:
+            return None
+        if not start:
+            return Stream(generation.commit, "follower", None)
+        generation.followers += 1
+        return Stream(generation.commit, "follower", generation.reader())
+
+    async def _require_commit(self, mirror: Mirror, sha: str) -> None:
+        try:
+            await run_git(
+                ["--git-dir", str(mirror.path), "cat-file", "-e", f"{sha}^{{commit}}"],
+                timeout=self._config.mirrors.git_timeout,
+            )
+        except GitError:
+            raise NotFound(
+                f"commit {sha} not found in {mirror.repo.name}", code="ref_not_found"
+            ) from None
+
+    def _start(
+        self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
+    ) -> Generation:
+        spool = self._spool_dir / f"{repo.slug}.{key}.{uuid.uuid4().hex[:8]}.partial"
+        generation = Generation(key, checkout.commit, spool)
+        cfg = self._config.snapshot
+        # Created here, synchronously, so the first reader can join before this returns.
+        writer = SpoolWriter(spool, cfg.zstd_level, cfg.zstd_threads)
+        generation.open_spool()
+        self._generations[(repo, key)] = generation
+        self.generations_started += 1
+        self._tasks.spawn(
+            self._generate(repo, mirror, spec, checkout, generation, writer),
+            name=f"generate:{repo.name}:{key}",
+        )
+        return generation
+
+    async def _generate(
+        self,
+        repo: RepoRef,
+        mirror: Mirror,
+        spec: RefSpec,
+        checkout: Checkout,
+        generation: Generation,
+        writer: SpoolWriter,
+    ) -> None:
+        assert mirror.refs is not None
+        refs_digest, fetched_at = mirror.refs.digest, mirror.fetched_at
+        work = self._tmp_dir / f"gen-{uuid.uuid4().hex}"
+        started = time.monotonic()
+        try:
+            await run_blocking(work.mkdir, parents=True)
+            chunks = build_tar(mirror, checkout, work, git_timeout=self._config.mirrors.git_timeout)
+            try:
+                size, sha256 = await write_spool(generation, chunks, writer)
+            finally:
+                await chunks.aclose()
+            entry = Entry(
+                key=generation.key,
+                ref=spec.label,
+                commit=checkout.commit,
+                refs_digest=refs_digest,
+                size=size,
+                sha256=sha256,
+                created=self._clock(),
+                fetched_at=fetched_at,
+            )
+            generation.finish()
+            log.info(
+                "generated %s %s: %d bytes in %.2fs",
+                repo.name,
+                generation.key,
+                size,
+                time.monotonic() - started,
+            )
+            try:
+                await self._cache.commit(repo, generation.spool, entry)
+            except Exception:
+                # Clients already have verified bytes; only the cache misses out.
+                log.exception("could not commit %s %s to the cache", repo.name, generation.key)
+        except BaseException as exc:
+            generation.fail(exc)
+            log.error("generation of %s %s failed: %s", repo.name, generation.key, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            writer.close()
+            self._generations.pop((repo, generation.key), None)
+            generation.close_spool()
+            remove_spool(generation.spool)
+            with contextlib.suppress(OSError):
+                await run_blocking(shutil.rmtree, work, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The HTTP surface: routes, handlers, HTTP semantics and the error middleware."""

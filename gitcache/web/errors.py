@@ -1,0 +1,44 @@
+"""One boundary where every error becomes a JSON body: ``{"error": …, "code": …}``."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gitcache.errors import GitcacheError, RangeNotSatisfiable
+
+log = logging.getLogger(__name__)
+
+
+class StreamAborted(Exception):
+    """A response was already under way when it failed: the connection is cut without
+    the final chunk, so that ``curl -f`` fails rather than keep a truncated file."""
+
+
+def json_error(status: int, message: str, code: str) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GitcacheError as exc:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc.message)
+        response = json_error(exc.status, exc.message, exc.code)
+        if isinstance(exc, RangeNotSatisfiable):
+            response.headers["Content-Range"] = f"bytes */{exc.size}"
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return json_error(exc.status, exc.reason, code)
+    except (StreamAborted, ConnectionError):
+        raise  # headers are out: aiohttp closes the connection mid-body
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return json_error(500, "internal error", "internal_error")

@@ -1,0 +1,124 @@
+"""``GET|HEAD /git/{host}/{repo}/snapshot.tar.zst[?ref=…]``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.utils import formatdate
+
+from aiohttp import web
+
+from gitcache import keys
+from gitcache.errors import GitcacheError
+from gitcache.repo import RepoRef, parse_ref, parse_repo
+from gitcache.snapshot.service import Hit, Stream
+from gitcache.web import conditional
+from gitcache.web.errors import StreamAborted
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/zstd"
+
+
+def _common_headers(repo: RepoRef, commit: str, source: str) -> dict[str, str]:
+    return {
+        "Content-Type": CONTENT_TYPE,
+        "Content-Disposition": f'attachment; filename="{repo.basename}.tar.zst"',
+        "X-Gitcache-Commit": commit,
+        "X-Gitcache-Source": source,
+    }
+
+
+async def snapshot(request: web.Request) -> web.StreamResponse:
+    config = request.app[keys.CONFIG]
+    repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
+    spec = parse_ref(request.query.get("ref"))
+    result = await request.app[keys.SNAPSHOTS].serve(repo, spec, start=request.method == "GET")
+    if isinstance(result, Hit):
+        return await _send_hit(request, repo, result)
+    return await _send_stream(request, repo, result)
+
+
+async def _send_hit(request: web.Request, repo: RepoRef, hit: Hit) -> web.StreamResponse:
+    reader = hit.reader
+    entry = reader.entry
+    try:
+        plan = conditional.plan(
+            request.headers,
+            method=request.method,
+            etag=entry.etag,
+            modified=entry.created,
+            size=entry.size,
+        )
+        headers = _common_headers(repo, entry.commit, hit.source)
+        headers.update(
+            {
+                "ETag": entry.etag,
+                "Last-Modified": formatdate(entry.created, usegmt=True),
+                "Accept-Ranges": "bytes",
+            }
+        )
+        if plan.status == 304:
+            return web.Response(
+                status=304,
+                headers={
+                    k: headers[k]
+                    for k in ("ETag", "Last-Modified", "X-Gitcache-Commit", "X-Gitcache-Source")
+                },
+            )
+        if plan.status == 206:
+            headers["Content-Range"] = plan.content_range(entry.size)
+        response = web.StreamResponse(status=plan.status, headers=headers)
+        response.content_length = plan.length
+        await response.prepare(request)
+        if request.method == "HEAD" or plan.length == 0:
+            await response.write_eof()
+            return response
+        try:
+            await _send_range(request, response, hit, plan.start, plan.length)
+        except OSError as exc:
+            raise StreamAborted(str(exc)) from exc
+        await response.write_eof()
+        return response
+    finally:
+        await reader.close()
+
+
+async def _send_range(
+    request: web.Request, response: web.StreamResponse, hit: Hit, start: int, length: int
+) -> None:
+    transport = request.transport
+    if hit.reader.file is not None and transport is not None:
+        try:
+            await asyncio.get_running_loop().sendfile(transport, hit.reader.file, start, length)
+            return
+        except NotImplementedError:
+            pass  # TLS or another transport without sendfile: copy instead
+    async for chunk in hit.reader.chunks(start, length):
+        await response.write(chunk)
+
+
+async def _send_stream(request: web.Request, repo: RepoRef, stream: Stream) -> web.StreamResponse:
+    headers = _common_headers(repo, stream.commit, stream.source)
+    if stream.body is None:  # HEAD: say what GET would send, start nothing
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        return response
+    body = stream.body
+    try:
+        # Wait for the first bytes before the status line, so a generation that fails
+        # at once still gets a proper JSON error.
+        first = await anext(body, b"")
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            await response.write(first)
+            async for chunk in body:
+                await response.write(chunk)
+        except GitcacheError as exc:
+            raise StreamAborted(exc.message) from exc
+        await response.write_eof()
+        return response
+    finally:
+        await body.aclose()

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gitcache.app import create_app
+from gitcache.config import Config, config_from_dict
+from tests.upstream import Upstream, make_rich_repo
+
+# Tests must not depend on the developer's git config; commits need an identity.
+_GIT_HOME = tempfile.mkdtemp(prefix="gitcache-tests-")
+Path(_GIT_HOME, "gitconfig").write_text(
+    "[user]\n\tname = Test\n\temail = test@example.invalid\n"
+    "[init]\n\tdefaultBranch = main\n[protocol \"file\"]\n\tallow = always\n"
+)
+os.environ["GIT_CONFIG_GLOBAL"] = str(Path(_GIT_HOME, "gitconfig"))
+os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+
+HOST = "example.test"
+
+
+def make_config(state_dir: Path, upstream: Upstream, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "server": {"state_dir": str(state_dir)},
+        "upstreams": {HOST: {"url": f"http://127.0.0.1:{upstream.port}/{{repo}}.git"}},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+@pytest.fixture
+async def upstream(tmp_path: Path, aiohttp_server: Any) -> Upstream:
+    up = Upstream(tmp_path / "upstream")
+    up.root.mkdir()
+    server = await aiohttp_server(up.app())
+    up.port = server.port
+    return up
+
+
+@pytest.fixture(scope="session")
+def rich_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    work = tmp_path_factory.mktemp("rich") / "work"
+    return work, make_rich_repo(work)
+
+
+@pytest.fixture
+def rich(upstream: Upstream, rich_work: tuple[Path, dict[str, str]]) -> str:
+    """The rich repository, served upstream as ``group/rich``."""
+    upstream.create("group/rich", rich_work[0])
+    return "group/rich"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+Factory = Callable[..., "AsyncIterator[TestClient]"]
+
+
+@pytest.fixture
+async def make_client(
+    aiohttp_client: Any, state_dir: Path, upstream: Upstream
+) -> Callable[..., Any]:
+    """Start gitcache against the test upstream; keyword arguments are config sections."""
+
+    async def start(**sections: dict[str, Any]) -> TestClient[web.Request, web.Application]:
+        app = create_app(make_config(state_dir, upstream, **sections))
+        return await aiohttp_client(app)  # type: ignore[no-any-return]
+
+    return start
+
+
+@pytest.fixture
+async def client(make_client: Callable[..., Any]) -> TestClient[web.Request, web.Application]:
+    return await make_client()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "scratch"
+    path.mkdir()
+    yield path

@@ -1,0 +1,49 @@
+"""Checking snapshots the way a user would: extract with zstd and tar, then ask git."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from tests.upstream import git
+
+HOST = "example.test"
+
+
+def snapshot_url(repo: str, ref: str | None = None) -> str:
+    url = f"/git/{HOST}/{repo}/snapshot.tar.zst"
+    return url if ref is None else f"{url}?ref={ref}"
+
+
+def extract(data: bytes, dest: Path) -> Path:
+    """``zstd -d | tar -x`` into ``dest``, exactly as the README tells users to."""
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        "zstd -d -q -c | tar -x -C " + str(dest), shell=True, input=data, check=True
+    )
+    return dest
+
+
+def tree(root: Path) -> dict[str, tuple[str, object]]:
+    """Every path below ``root`` except ``.git``: kind and content, exec bit, link target."""
+    out: dict[str, tuple[str, object]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and ".git" in dirnames:
+            dirnames.remove(".git")
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", None)
+            else:
+                out[rel] = ("file", (bool(st.st_mode & 0o100), path.read_bytes()))
+    return out
+
+
+def status(repo: Path) -> str:
+    return git("status", "--porcelain", "--untracked-files=all", cwd=repo)
