@@ -137,3 +137,11 @@ async def agit(*args: str, cwd: Path | None = None) -> str:
     """``git`` off the event loop: needed whenever git talks to the test upstream, which
     is served by the same loop."""
     return await asyncio.to_thread(git, *args, cwd=cwd)
+
+
+def make_big_repo(work: Path, megabytes: int, files: int = 8) -> str:
+    """Incompressible content, so a snapshot stream lasts long enough to be interrupted."""
+    git("init", "-q", "-b", "main", str(work))
+    for i in range(files):
+        (work / f"blob{i}.bin").write_bytes(os.urandom(megabytes * 1024 * 1024 // files))
+    return commit_all(work, "big")

@@ -200,6 +200,12 @@ class SnapshotService:
                 created=self._clock(),
                 fetched_at=fetched_at,
             )
+            try:
+                await self._cache.commit(repo, generation.spool, entry)
+            except Exception:
+                # Clients still get their verified bytes; only the cache misses out.
+                log.exception("could not commit %s %s to the cache", repo.name, generation.key)
+            # Readers see the end only now, so whoever has a whole snapshot finds it cached.
             generation.finish()
             log.info(
                 "generated %s %s: %d bytes in %.2fs",
@@ -208,11 +214,6 @@ class SnapshotService:
                 size,
                 time.monotonic() - started,
             )
-            try:
-                await self._cache.commit(repo, generation.spool, entry)
-            except Exception:
-                # Clients already have verified bytes; only the cache misses out.
-                log.exception("could not commit %s %s to the cache", repo.name, generation.key)
         except BaseException as exc:
             generation.fail(exc)
             log.error("generation of %s %s failed: %s", repo.name, generation.key, exc)
