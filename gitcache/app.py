@@ -16,7 +16,9 @@ from gitcache.tasks import TaskSet
 from gitcache.web.errors import error_middleware
 from gitcache.web.snapshot import snapshot
 
-SNAPSHOT_ROUTE = "/git/{host}/{repo:.+}/snapshot.tar.zst"
+# [\s\S]: a newline in the path must reach the validator (and get its 400), not fall
+# through to a 404 for want of a route.
+SNAPSHOT_ROUTE = r"/git/{host}/{repo:[\s\S]+}/snapshot.tar.zst"
 
 
 async def healthz(request: web.Request) -> web.Response:

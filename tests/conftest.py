@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tests.upstream import Upstream, make_rich_repo
 _GIT_HOME = tempfile.mkdtemp(prefix="gitcache-tests-")
 Path(_GIT_HOME, "gitconfig").write_text(
     "[user]\n\tname = Test\n\temail = test@example.invalid\n"
-    "[init]\n\tdefaultBranch = main\n[protocol \"file\"]\n\tallow = always\n"
+    '[init]\n\tdefaultBranch = main\n[protocol "file"]\n\tallow = always\n'
 )
 os.environ["GIT_CONFIG_GLOBAL"] = str(Path(_GIT_HOME, "gitconfig"))
 os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
@@ -63,17 +64,16 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-Factory = Callable[..., "AsyncIterator[TestClient]"]
-
-
 @pytest.fixture
 async def make_client(
     aiohttp_client: Any, state_dir: Path, upstream: Upstream
 ) -> Callable[..., Any]:
     """Start gitcache against the test upstream; keyword arguments are config sections."""
 
-    async def start(**sections: dict[str, Any]) -> TestClient[web.Request, web.Application]:
-        app = create_app(make_config(state_dir, upstream, **sections))
+    async def start(
+        clock: Callable[[], float] = time.time, **sections: dict[str, Any]
+    ) -> TestClient[web.Request, web.Application]:
+        app = create_app(make_config(state_dir, upstream, **sections), clock=clock)
         return await aiohttp_client(app)  # type: ignore[no-any-return]
 
     return start

@@ -20,9 +20,7 @@ def snapshot_url(repo: str, ref: str | None = None) -> str:
 def extract(data: bytes, dest: Path) -> Path:
     """``zstd -d | tar -x`` into ``dest``, exactly as the README tells users to."""
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        "zstd -d -q -c | tar -x -C " + str(dest), shell=True, input=data, check=True
-    )
+    subprocess.run("zstd -d -q -c | tar -x -C " + str(dest), shell=True, input=data, check=True)
     return dest
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,11 +94,12 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
 
     async def failing_build_tar(*args: Any, **kwargs: Any) -> Any:
         sent = 0
-        async for chunk in real_build_tar(*args, **kwargs):
-            yield chunk
-            sent += len(chunk)
-            if sent > 4 * 1024 * 1024:
-                raise GitError("git archive failed: simulated corruption")
+        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+                sent += len(chunk)
+                if sent > 4 * 1024 * 1024:
+                    raise GitError("git archive failed: simulated corruption")
 
     monkeypatch.setattr(service_module, "build_tar", failing_build_tar)
     first, second = await asyncio.gather(
@@ -127,9 +129,10 @@ async def test_curl_fails_on_an_aborted_stream(
     real_build_tar = service_module.build_tar
 
     async def failing_build_tar(*args: Any, **kwargs: Any) -> Any:
-        async for chunk in real_build_tar(*args, **kwargs):
-            yield chunk
-            raise GitError("simulated")
+        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+                raise GitError("simulated")
 
     monkeypatch.setattr(service_module, "build_tar", failing_build_tar)
     url = str(client.make_url(snapshot_url("big")))

@@ -35,9 +35,10 @@ async def test_snapshot_equals_git_clone(
     assert status(snap) == ""
     assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=snap).strip() == "main"
     assert git("remote", "get-url", "origin", cwd=snap).strip() == upstream.url(rich)
-    assert git("branch", "-a", "--format=%(refname)", cwd=snap).split() == git(
-        "branch", "-a", "--format=%(refname)", cwd=clone
-    ).split()
+    assert (
+        git("branch", "-a", "--format=%(refname)", cwd=snap).split()
+        == git("branch", "-a", "--format=%(refname)", cwd=clone).split()
+    )
     assert git("tag", "-l", cwd=snap).split() == ["light", "v1.0"]
     assert git("cat-file", "-t", "v1.0", cwd=snap).strip() == "tag"
     assert git("rev-parse", "@{upstream}", cwd=snap) == git("rev-parse", "origin/main", cwd=snap)

@@ -13,9 +13,7 @@ from aiohttp import web
 
 
 def git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=cwd, input=input, capture_output=True, check=False
-    )
+    result = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, check=False)
     if result.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {result.stderr.decode()}")
     return result.stdout.decode()

@@ -57,6 +57,17 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+async def _reap(proc: asyncio.subprocess.Process, *streams: asyncio.StreamReader | None) -> None:
+    """Kill the group, wait for the exit, and drain ``streams``: asyncio closes a child's
+    transport only once every pipe has reached EOF."""
+    kill_group(proc)
+    await proc.wait()
+    for stream in streams:
+        if stream is not None and not stream.at_eof():
+            with contextlib.suppress(Exception):
+                await stream.read()
+
+
 class _StderrTail:
     """Drains a child's stderr so it can never block on a full pipe; keeps the tail."""
 
@@ -114,8 +125,7 @@ async def run_git(
     except TimeoutError:
         raise GitTimeout(f"git {args[0]} timed out after {timeout:g}s") from None
     finally:
-        kill_group(proc)
-        await proc.wait()
+        await _reap(proc, proc.stdout, proc.stderr)
     if proc.returncode != 0:
         text = mask_credentials(stderr.decode("utf-8", "replace").strip())
         raise _failure(args, proc.returncode, text)
@@ -150,6 +160,5 @@ async def stream_git(
     try:
         yield stream
     finally:
-        kill_group(proc)
-        await proc.wait()
+        await _reap(proc, proc.stdout)  # stderr is drained by its tail reader
         await stream._stderr.text()

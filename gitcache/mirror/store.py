@@ -29,6 +29,7 @@ from gitcache.tasks import Coalescer, TaskSet
 log = logging.getLogger(__name__)
 
 FETCH_STAMP = "gitcache-fetched"
+LS_REMOTE_PATTERNS = ("HEAD", "refs/heads/*", "refs/tags/*")
 REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
 # Mirrors are maintained by gitcache itself; git must not start a detached gc or
 # maintenance child that would outlive the fetch and repack under a running generation.
@@ -144,30 +145,30 @@ class MirrorStore:
     async def _fetch(self, mirror: Mirror) -> None:
         cfg = self._config.mirrors
         started = time.monotonic()
-        async with mirror.lock.write():
-            try:
-                # The upstream may have changed its default branch; fetch does not say.
-                _, head = await asyncio.gather(
-                    run_git(
-                        ["-C", str(mirror.path), "fetch", "--prune", "--quiet", "origin"],
+        git_dir = str(mirror.path)
+        try:
+            # One small round trip first: most refreshes find nothing new, and then no
+            # fetch negotiation, lock or ref rewrite is needed at all.
+            listing = await run_git(
+                ["-C", git_dir, "ls-remote", "--symref", "origin", *LS_REMOTE_PATTERNS],
+                timeout=cfg.git_timeout,
+            )
+            head, advertised = parse_ls_remote(listing)
+            if mirror.refs is None or (head, advertised) != (mirror.refs.head, mirror.refs.refs):
+                async with mirror.lock.write():
+                    await run_git(
+                        ["-C", git_dir, "fetch", "--prune", "--quiet", "origin"],
                         timeout=cfg.fetch_timeout,
-                    ),
-                    run_git(
-                        ["-C", str(mirror.path), "ls-remote", "--symref", "origin", "HEAD"],
-                        timeout=cfg.git_timeout,
-                    ),
-                )
-            except GitError as exc:
-                raise upstream_failure(mirror.repo, exc) from exc
-            target = _symref_target(head)
-            if target:
-                await run_git(
-                    ["-C", str(mirror.path), "symbolic-ref", "HEAD", target],
-                    timeout=cfg.git_timeout,
-                )
-            await self._pack_refs(mirror.path)
-            mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
-            (mirror.path / FETCH_STAMP).touch()
+                    )
+                    if head is not None:  # fetch does not follow a new default branch
+                        await run_git(
+                            ["-C", git_dir, "symbolic-ref", "HEAD", head], timeout=cfg.git_timeout
+                        )
+                    await self._pack_refs(mirror.path)
+                    mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
+        except GitError as exc:
+            raise upstream_failure(mirror.repo, exc) from exc
+        (mirror.path / FETCH_STAMP).touch()
         self.fetches += 1
         mirror.fetched_at = self._clock()
         log.info("fetched %s in %.2fs", mirror.repo.name, time.monotonic() - started)
@@ -188,11 +189,17 @@ class MirrorStore:
         )
 
 
-def _symref_target(ls_remote: bytes) -> str | None:
-    """``ref: refs/heads/main\\tHEAD`` → ``refs/heads/main``."""
-    for line in ls_remote.decode("utf-8", "replace").splitlines():
-        if line.startswith("ref: ") and line.endswith("\tHEAD"):
-            target = line[len("ref: ") : -len("\tHEAD")]
+def parse_ls_remote(listing: bytes) -> tuple[str | None, dict[str, str]]:
+    """``git ls-remote --symref`` output → (HEAD's target branch, {ref: sha}) for branches
+    and tags; peeled ``^{}`` lines are left out, as in :class:`RefState`'s ``refs``."""
+    head: str | None = None
+    refs: dict[str, str] = {}
+    for line in listing.decode("utf-8", "replace").splitlines():
+        value, _, name = line.partition("\t")
+        if value.startswith("ref: ") and name == "HEAD":
+            target = value.removeprefix("ref: ")
             if target.startswith("refs/heads/") and ".." not in target:
-                return target
-    return None
+                head = target
+        elif name.startswith(("refs/heads/", "refs/tags/")) and not name.endswith("^{}"):
+            refs[name] = value
+    return head, refs

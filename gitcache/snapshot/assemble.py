@@ -15,6 +15,7 @@ without touching the ones the snapshot is made of.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
@@ -151,12 +152,13 @@ async def build_tar(
             small.append(dir_entry(f".git/{d}", mtime=now))
         yield b"".join(small)
 
-        for rel in pinned:
-            async for chunk in _file_chunks(f".git/{rel}", work / rel, mtime=now):
-                yield chunk
-        await read_tree
-        async for chunk in _file_chunks(".git/index", index, mtime=now, mode=0o644):
-            yield chunk
+        files = [(f".git/{rel}", work / rel, 0o444) for rel in pinned]
+        for name, path, mode in [*files, (".git/index", index, 0o644)]:
+            if path == index:
+                await read_tree
+            async with contextlib.aclosing(_file_chunks(name, path, mtime=now, mode=mode)) as it:
+                async for chunk in it:
+                    yield chunk
 
         archive = ["--git-dir", git_dir, "-c", "tar.umask=022", "archive", "--format=tar", commit]
         async with stream_git(archive, env=hermetic) as proc:

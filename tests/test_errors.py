@@ -1,0 +1,97 @@
+"""Bad input gets a clear 4xx JSON error and touches nothing; upstream faults get 5xx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from tests.helpers import HOST, snapshot_url
+from tests.upstream import Upstream, git
+
+BAD_PATHS = [
+    ("/git/example.test/a/%2E%2E/b/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a/../b/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/%2E%2E/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a//b/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/-rf/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a/--upload-pack=x/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a%01b/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a%0Ab/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/a%20b/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/.git/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/" + "a" * 300 + "/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/example.test/" + "/".join("a" * 20) + "/snapshot.tar.zst", 400, "invalid_repo"),
+    ("/git/other.test/a/b/snapshot.tar.zst", 404, "unknown_host"),
+    ("/git/127.0.0.1/a/b/snapshot.tar.zst", 404, "unknown_host"),
+]
+BAD_REFS = ["a..b", "-x", "%01", "a%20b", "", "a~1", "a^", "a:b", "a/", "a.lock", "@", "x@{1}",
+            ".hidden", "a//b", "a" * 300]  # fmt: skip
+
+
+def _assert_untouched(state_dir: Path) -> None:
+    for sub in ("mirrors", "cache"):
+        path = state_dir / sub
+        assert not path.exists() or not any(path.iterdir()), f"{sub} was touched"
+
+
+@pytest.mark.parametrize(("path", "status", "code"), BAD_PATHS)
+async def test_bad_paths(client: Any, state_dir: Path, path: str, status: int, code: str) -> None:
+    # Sent exactly as written: a client library would resolve the dot segments itself.
+    url = URL(str(client.make_url("/")).rstrip("/") + path, encoded=True)
+    response = await client.session.get(url)
+    assert response.status == status
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert body["code"] == code and body["error"]
+    _assert_untouched(state_dir)
+
+
+@pytest.mark.parametrize("ref", BAD_REFS)
+async def test_bad_refs(client: Any, state_dir: Path, ref: str) -> None:
+    response = await client.get(f"/git/{HOST}/group/rich/snapshot.tar.zst?ref={ref}")
+    assert response.status == 400
+    assert (await response.json())["code"] == "invalid_ref"
+    _assert_untouched(state_dir)
+
+
+async def test_unknown_route_is_json(client: Any) -> None:
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert (await response.json())["code"] == "not_found"
+
+
+async def test_repo_missing_upstream(client: Any, upstream: Upstream, state_dir: Path) -> None:
+    response = await client.get(snapshot_url("no/such"))
+    assert response.status == 404
+    assert (await response.json())["code"] == "repo_not_found"
+    assert not (state_dir / "mirrors" / HOST).exists() or not any(
+        (state_dir / "mirrors" / HOST).iterdir()
+    )
+
+
+async def test_ref_missing_upstream(client: Any, rich: str) -> None:
+    for ref in ("nope", "0" * 40):
+        response = await client.get(snapshot_url(rich, ref))
+        assert response.status == 404
+        assert (await response.json())["code"] == "ref_not_found"
+
+
+async def test_empty_repository(client: Any, upstream: Upstream) -> None:
+    git("init", "--bare", "-q", str(upstream.root / "empty.git"))
+    response = await client.get(snapshot_url("empty"))
+    assert response.status == 404
+    body = await response.json()
+    assert body["code"] == "empty_repository"
+    assert "empty" in body["error"]
+
+
+async def test_upstream_down(client: Any, upstream: Upstream, rich: str) -> None:
+    upstream.fail = True
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 502
+    body = await response.json()
+    assert body["code"] == "upstream_error"
+    assert f"127.0.0.1:{upstream.port}" not in body["error"] or "@" not in body["error"]

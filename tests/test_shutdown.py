@@ -1,0 +1,71 @@
+"""Shutdown aborts generations cleanly: no child process, no spool, nothing committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gitcache import keys
+from gitcache.snapshot import service as service_module
+from tests.helpers import snapshot_url
+from tests.upstream import Upstream, make_big_repo
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(cmdline.decode(errors="replace"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("big") / "work"
+    make_big_repo(work, megabytes=8)
+    return work
+
+
+async def test_shutdown_mid_generation(
+    make_client: Any, upstream: Upstream, big: Path, state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    upstream.create("big", big)
+    real_build_tar = service_module.build_tar
+
+    async def slow_build_tar(*args: Any, **kwargs: Any) -> Any:
+        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
+            async for chunk in chunks:
+                await asyncio.sleep(0.2)
+                yield chunk
+
+    monkeypatch.setattr(service_module, "build_tar", slow_build_tar)
+    client = await make_client()
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(client.make_url(snapshot_url("big")))
+        await response.content.read(100)
+        assert client.app[keys.SNAPSHOTS].running == 1
+        for _ in range(200):  # until git archive runs (after the packs were sent)
+            if any(" archive " in p for p in processes_mentioning(str(state_dir))):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("git archive never started")
+        response.close()
+        await client.close()
+    assert processes_mentioning(str(state_dir)) == []
+    assert list((state_dir / "spool").iterdir()) == []
+    assert list((state_dir / "tmp").iterdir()) == []
+    cache_root = state_dir / "cache"
+    assert [p for p in cache_root.rglob("*") if p.is_file()] == []
