@@ -45,3 +45,16 @@ def tree(root: Path) -> dict[str, tuple[str, object]]:
 
 def status(repo: Path) -> str:
     return git("status", "--porcelain", "--untracked-files=all", cwd=repo)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(cmdline.decode(errors="replace"))
+    return found

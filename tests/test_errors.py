@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from tests.helpers import HOST, snapshot_url
+from tests.helpers import HOST, processes_mentioning, snapshot_url
 from tests.upstream import Upstream, git
 
 BAD_PATHS = [
@@ -95,3 +95,23 @@ async def test_upstream_down(client: Any, upstream: Upstream, rich: str) -> None
     body = await response.json()
     assert body["code"] == "upstream_error"
     assert f"127.0.0.1:{upstream.port}" not in body["error"] or "@" not in body["error"]
+
+
+async def test_upstream_timeout_leaves_no_half_made_mirror(
+    make_client: Any, upstream: Upstream, rich: str, state_dir: Path
+) -> None:
+    upstream.delay = 2.0
+    client = await make_client(mirrors={"clone_timeout": "0.3s"})
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 504
+    assert (await response.json())["code"] == "upstream_timeout"
+    assert not (state_dir / "mirrors" / HOST).exists() or not any(
+        (state_dir / "mirrors" / HOST).iterdir()
+    )
+    assert list((state_dir / "tmp").iterdir()) == []
+    assert processes_mentioning(str(state_dir)) == []
+
+    upstream.delay = 0
+    retry = await client.get(snapshot_url(rich))
+    assert retry.status == 200
+    await retry.read()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,8 @@ import pytest
 
 from gitcache import keys
 from gitcache.snapshot import service as service_module
-from tests.helpers import snapshot_url
+from tests.helpers import processes_mentioning, snapshot_url
 from tests.upstream import Upstream, make_big_repo
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                found.append(cmdline.decode(errors="replace"))
-    return found
 
 
 @pytest.fixture(scope="module")

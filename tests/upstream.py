@@ -26,6 +26,7 @@ class Upstream:
     root: Path
     requests: list[tuple[str, str]] = field(default_factory=list)
     fail: bool = False  # answer every request with 500
+    delay: float = 0.0  # seconds before answering
     port: int = 0
 
     def url(self, name: str) -> str:
@@ -38,6 +39,7 @@ class Upstream:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.path, request.query_string))
+        await asyncio.sleep(self.delay)
         if self.fail:
             return web.Response(status=500, text="upstream is down")
         env = {

@@ -58,14 +58,15 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _reap(proc: asyncio.subprocess.Process, *streams: asyncio.StreamReader | None) -> None:
-    """Kill the group, wait for the exit, and drain ``streams``: asyncio closes a child's
-    transport only once every pipe has reached EOF."""
+    """Kill the group, drain ``streams``, then wait for the exit. The order matters: up to
+    Python 3.11, ``Process.wait()`` returns only after every pipe reached EOF, and a pipe
+    whose reader is paused (its buffer full) never gets there unless it is read."""
     kill_group(proc)
-    await proc.wait()
     for stream in streams:
         if stream is not None and not stream.at_eof():
             with contextlib.suppress(Exception):
                 await stream.read()
+    await proc.wait()
 
 
 class _StderrTail:
@@ -160,5 +161,6 @@ async def stream_git(
     try:
         yield stream
     finally:
-        await _reap(proc, proc.stdout)  # stderr is drained by its tail reader
-        await stream._stderr.text()
+        kill_group(proc)
+        await stream._stderr.text()  # drains stderr to EOF (or gives up after a second)
+        await _reap(proc, proc.stdout, proc.stderr)

@@ -1,0 +1,100 @@
+"""Configuration: sizes, durations, env overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gitcache.config import ConfigError, config_from_dict, load_config, parse_duration, parse_size
+
+UPSTREAMS = {"upstreams": {"github.com": {"url": "https://github.com/{repo}.git"}}}
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("50GiB") == 50 * 1024**3
+    assert parse_size("10GB") == 10 * 1000**3
+    assert parse_size("1.5 MiB") == 1572864
+    assert parse_size(1024) == 1024
+    assert parse_duration("10m") == 600
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("7d") == 7 * 86400
+    assert parse_duration(90) == 90
+    for bad in ("ten", "5 parsecs", -1, True, "1e3"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_the_embedded_default_is_valid() -> None:
+    config = load_config(environ={})
+    assert set(config.upstreams) == {"github.com", "gitlab.com", "bitbucket.org"}
+    assert config.cache.backend == "disk"
+    assert config.upstreams["github.com"].url_for("a/b") == "https://github.com/a/b.git"
+
+
+def test_example_config_is_the_embedded_default() -> None:
+    example = Path(__file__).parent.parent / "config" / "gitcache.toml"
+    assert load_config(example, environ={}) == load_config(environ={})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"server": {"listen": "nowhere"}}, "server.listen: 'nowhere' is not HOST:PORT"),
+        ({"server": {"shutdown_timeout": "soon"}}, "server.shutdown_timeout: 'soon'"),
+        ({"server": {"colour": "blue"}}, "server.colour: unknown key"),
+        ({"cache": {"disk": {"max_size": "lots"}}}, "cache.disk.max_size: 'lots'"),
+        ({"cache": {"backend": "tape"}}, "cache.backend: must be one of"),
+        ({"snapshot": {"zstd_level": 99}}, "snapshot.zstd_level: must be between"),
+        ({"extra": {}}, "extra: unknown section"),
+        ({"upstreams": {"github.com": {"url": "https://github.com/x.git"}}}, "must contain"),
+        ({"upstreams": {"github.com": {"url": "ftp://x/{repo}"}}}, "must start with"),
+        ({"upstreams": {"Bad Host": {"url": "https://x/{repo}"}}}, "upstreams.Bad Host"),
+        ({"upstreams": {}}, "at least one upstream"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
+    merged = {**UPSTREAMS, **data}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        config_from_dict(merged)
+
+
+def test_environment_overrides() -> None:
+    config = config_from_dict(
+        UPSTREAMS,
+        {
+            "GITCACHE_SERVER_LISTEN": "0.0.0.0:9000",
+            "GITCACHE_CACHE_DISK_MAX_SIZE": "1GiB",
+            "GITCACHE_SNAPSHOT_ZSTD_LEVEL": "7",
+        },
+    )
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert config.cache.disk.max_size == 1024**3
+    assert config.snapshot.zstd_level == 7
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "gitcache.cli", "check-config"], capture_output=True, text=True
+    )
+    assert good.returncode == 0
+    assert '[upstreams."github.com"]' in good.stdout
+    bad_file = tmp_path / "bad.toml"
+    bad_file.write_text('[server]\nlisten = "x"\n[upstreams."a.b"]\nurl = "https://a.b/{repo}"\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "gitcache.cli", "check-config", "--config", str(bad_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "server.listen" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "gitcache.cli", "check-config", "--config", "/nonexistent.toml"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "cannot read config file" in missing.stderr
