@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ from gitcache.redact import mask_credentials
 log = logging.getLogger(__name__)
 
 STDERR_TAIL = 8192
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
 
 # Git must never stop to ask a question on a terminal; messages must be stable enough to
 # classify (LC_ALL=C); LFS pointers stay pointers, as in a CI checkout with skip-smudge.
@@ -104,6 +107,16 @@ async def _spawn(
     )
 
 
+def _widen_pipe(proc: asyncio.subprocess.Process) -> None:
+    """Grow the stdout pipe from 64 KiB to 1 MiB: git then runs ahead of its reader instead
+    of waking it for every 64 KiB, which roughly halves the cost of a bulk stream."""
+    # Best effort: a child that already exited has closed the pipe, and it no longer matters.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        transport = proc._transport  # type: ignore[attr-defined]
+        pipe = transport.get_pipe_transport(1).get_extra_info("pipe")
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+
+
 def _failure(args: Sequence[str], returncode: int | None, stderr: str) -> GitError:
     last = stderr.splitlines()[-1] if stderr else f"exit status {returncode}"
     return GitError(f"git {args[0]} failed: {last}", stderr=stderr, returncode=returncode)
@@ -157,6 +170,7 @@ async def stream_git(
     """Start git with stdout piped to the caller; whatever way the block is left, the
     process group is killed and reaped."""
     proc = await _spawn(args, cwd=cwd, env=env or git_env(), stdin=None)
+    _widen_pipe(proc)
     stream = GitStream(args, proc)
     try:
         yield stream

@@ -26,6 +26,8 @@ from gitcache.tasks import run_blocking
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+READ_CHUNK = 256 * 1024  # per reader, so 20 readers hold a few MiB at most
+PIPELINE_DEPTH = 4  # batches of CHUNK bytes between the tar producer and zstd
 
 
 class SpoolWriter:
@@ -133,9 +135,8 @@ class Generation:
         try:
             while True:
                 if offset < self.size:
-                    chunk = await asyncio.to_thread(
-                        os.pread, fd, min(CHUNK, self.size - offset), offset
-                    )
+                    want = min(READ_CHUNK, self.size - offset)
+                    chunk = await asyncio.to_thread(os.pread, fd, want, offset)
                     offset += len(chunk)
                     yield chunk
                 elif self.error is not None:
@@ -155,20 +156,41 @@ async def write_spool(
 ) -> tuple[int, str]:
     """Compress ``chunks`` through ``writer`` into the generation's spool, advancing its
     readers; verify the file against what was written and return its size and sha256.
-    The caller closes the writer and removes the spool on failure."""
+    The caller closes the writer and removes the spool on failure.
+
+    Assembling the tar (reading packs, piping git archive) and compressing it overlap: a
+    producer batches chunks into a small bounded queue while a worker thread compresses,
+    so a miss costs about the slower of the two rather than their sum."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(PIPELINE_DEPTH)
+
+    async def produce() -> None:
+        try:
+            batch = bytearray()
+            first = True
+            async for chunk in chunks:
+                batch += chunk
+                # The first batch (the small .git files) goes out at once: the first byte.
+                if first or len(batch) >= CHUNK:
+                    await queue.put(bytes(batch))
+                    batch.clear()
+                    first = False
+            await queue.put(bytes(batch))
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+
+    producer = asyncio.ensure_future(produce())
     try:
-        batch = bytearray()
         first = True
-        async for chunk in chunks:
-            batch += chunk
-            if first or len(batch) >= CHUNK:
-                size = await run_blocking(writer.write, bytes(batch), flush=first)
-                generation.advance(size)
-                batch.clear()
-                first = False
-        generation.advance(await run_blocking(writer.finish, bytes(batch)))
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            generation.advance(await run_blocking(writer.write, item, flush=first))
+            first = False
+        generation.advance(await run_blocking(writer.finish, b""))
     finally:
-        writer.close()
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
     size, sha256 = await asyncio.to_thread(hash_file, generation.spool)
     if size != writer.size or sha256 != writer.sha256:
         raise GenerationFailed(

@@ -11,6 +11,7 @@ of a running generation, or a new generation (a miss).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from gitcache.cache.base import Cache, Entry, Reader
 from gitcache.config import Config
-from gitcache.errors import GitError, NotFound
+from gitcache.errors import GitcacheError, GitError, NotFound
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import Mirror, MirrorStore
@@ -216,7 +217,14 @@ class SnapshotService:
             )
         except BaseException as exc:
             generation.fail(exc)
-            log.error("generation of %s %s failed: %s", repo.name, generation.key, exc)
+            # A traceback only for the unexpected: known failures explain themselves.
+            log.error(
+                "generation of %s %s failed: %s",
+                repo.name,
+                generation.key,
+                exc,
+                exc_info=not isinstance(exc, GitcacheError | asyncio.CancelledError),
+            )
             if not isinstance(exc, Exception):
                 raise
         finally:

@@ -1,0 +1,242 @@
+"""gitcache benchmarks: every figure is a ratio against a baseline run in the same invocation.
+
+    python -m bench.run                       # a generated repository (see --files, --commits)
+    python -m bench.run --repo /path/to/bare  # any local bare repository
+
+It serves the repository through ``git http-backend`` on loopback, runs ``gitcache serve``
+as a separate process (so that its memory can be measured), and prints:
+
+- miss with a warm mirror: time to first byte and total, against "clone the mirror to a
+  temporary checkout, then ``tar | zstd -T0``" (what the reference implementation does);
+- hit throughput against aiohttp's ``web.FileResponse`` serving the same file;
+- restore (``curl | zstd -d | tar -x``) against ``git clone`` over HTTP from the upstream;
+- peak RSS of the server while 20 clients stream one miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from bench.make_repo import make_repo
+from tests.upstream import Upstream, git
+
+HOST = "bench.test"
+CLIENTS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sh(command: str) -> float:
+    """Run a shell pipeline; return its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run(command, shell=True, check=True)
+    return time.perf_counter() - started
+
+
+def curl(url: str) -> tuple[float, float, int]:
+    """(time to first byte, total, bytes) as curl measures them."""
+    result = subprocess.run(
+        ["curl", "-sf", "-o", "/dev/null", "-w",
+         "%{time_starttransfer} %{time_total} %{size_download}", url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    ttfb, total, size = result.stdout.split()
+    return float(ttfb), float(total), int(size)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def serve_in_thread(app: web.Application, port: int) -> Iterator[None]:
+    """Run an aiohttp app on its own loop in a thread (the upstream, FileResponse)."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+@contextmanager
+def gitcache_server(state: Path, upstream_url: str) -> Iterator[tuple[str, int]]:
+    """``gitcache serve`` as a child process; yields its base URL and pid."""
+    port = free_port()
+    config = state / "gitcache.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\n'
+        '[mirrors]\nfetch_interval = "1h"\n[log]\nlevel = "WARNING"\n'
+        f'[upstreams."{HOST}"]\nurl = "{upstream_url}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)]
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        if subprocess.run(["curl", "-sf", f"{base}/healthz"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    try:
+        yield base, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@dataclass
+class Bench:
+    bare: Path
+    work: Path
+    runs: int
+    upstream_port: int
+    base: str = ""
+    pid: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.bare.name.removesuffix(".git")
+
+    def url(self, ref: str) -> str:
+        return f"{self.base}/git/{HOST}/{self.name}/snapshot.tar.zst?ref={ref}"
+
+    def miss(self, mirror: Path) -> None:
+        timings = [curl(self.url(f"bench-{i}")) for i in range(self.runs)]
+        ttfb = statistics.median(t[0] for t in timings)
+        total = statistics.median(t[1] for t in timings)
+        reference = statistics.median(
+            sh(f"git clone -q {mirror} {self.work}/co-{i} && tar -cf - -C {self.work}/co-{i} . "
+               f"| zstd -q -T0 -3 -o {self.work}/ref-{i}.tar.zst && rm -rf {self.work}/co-{i}")
+            for i in range(self.runs)
+        )  # fmt: skip
+        print("\nmiss, warm mirror: gitcache vs clone-then-tar|zstd -T0")
+        print(f"  first byte {ttfb * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
+              f"  {reference / ttfb:7.1f}x sooner")  # fmt: skip
+        print(f"  total      {total * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
+              f"  {reference / total:7.2f}x faster   ({timings[0][2] / 1e6:.1f} MB)")  # fmt: skip
+
+    def hit(self, entry: Path) -> None:
+        app = web.Application()
+
+        async def file_response(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(entry)
+
+        app.router.add_get("/file", file_response)
+        port = free_port()
+        with serve_in_thread(app, port):
+            ours = statistics.median(curl(self.url("bench-0"))[1] for _ in range(self.runs * 3))
+            plain = statistics.median(
+                curl(f"http://127.0.0.1:{port}/file")[1] for _ in range(self.runs * 3)
+            )
+        mb = entry.stat().st_size / 1e6
+        print("\nhit throughput: gitcache vs web.FileResponse of the same file")
+        print(f"  gitcache {mb / ours:7.0f} MB/s  FileResponse {mb / plain:7.0f} MB/s"
+              f"  ratio {plain / ours:.2f}")  # fmt: skip
+
+    def restore(self) -> None:
+        ours, clone = [], []
+        for i in range(self.runs):
+            ours.append(sh(f"mkdir {self.work}/r-{i} && curl -sf '{self.url('bench-0')}' "
+                           f"| zstd -d -q | tar -x -C {self.work}/r-{i}"))  # fmt: skip
+            clone.append(sh(f"git clone -q http://127.0.0.1:{self.upstream_port}/{self.name}.git "
+                            f"{self.work}/c-{i}"))  # fmt: skip
+            shutil.rmtree(self.work / f"r-{i}")
+            shutil.rmtree(self.work / f"c-{i}")
+        ours_s, clone_s = statistics.median(ours), statistics.median(clone)
+        print("\nrestore: curl | zstd -d | tar -x  vs  git clone over HTTP")
+        print(f"  gitcache {ours_s * 1e3:8.1f} ms  git clone {clone_s * 1e3:8.1f} ms"
+              f"  {clone_s / ours_s:.2f}x faster")  # fmt: skip
+
+    def memory(self) -> None:
+        before = rss_kb(self.pid)
+        peak = before
+        clients = [
+            subprocess.Popen(["curl", "-sf", "-o", "/dev/null", self.url("rss")])
+            for _ in range(CLIENTS)
+        ]
+        while any(c.poll() is None for c in clients):
+            peak = max(peak, rss_kb(self.pid))
+            time.sleep(0.005)
+        failed = sum(1 for c in clients if c.returncode != 0)
+        print(f"\nserver memory, {CLIENTS} clients streaming one miss")
+        print(f"  RSS idle {before / 1024:6.1f} MB  peak {peak / 1024:6.1f} MB"
+              f"  (failed clients: {failed})")  # fmt: skip
+
+
+def run(bare: Path, runs: int, work: Path) -> None:
+    head = git("--git-dir", str(bare), "rev-parse", "HEAD").strip()
+    # One branch per measured miss: the same commit, distinct snapshots, a warm mirror.
+    for branch in [*(f"bench-{i}" for i in range(runs + 1)), "rss"]:
+        git("--git-dir", str(bare), "branch", "-f", branch, head)
+    size = sum(f.stat().st_size for f in bare.rglob("*") if f.is_file())
+    print(f"repository {bare.name}: {size / 1e6:.1f} MB on disk; medians of {runs} runs")
+
+    bench = Bench(bare, work, runs, free_port())
+    upstream = Upstream(bare.parent, port=bench.upstream_port)
+    state = work / "state"
+    state.mkdir()
+    with serve_in_thread(upstream.app(), bench.upstream_port):
+        upstream_url = f"http://127.0.0.1:{bench.upstream_port}/{{repo}}.git"
+        with gitcache_server(state, upstream_url) as (bench.base, bench.pid):
+            curl(bench.url(f"bench-{runs}"))  # clones the mirror
+            bench.miss(state / "mirrors" / HOST / bare.name)
+            bench.hit(next((state / "cache").rglob("*.tar.zst")))
+            bench.restore()
+            bench.memory()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", type=Path, help="a local bare repository (default: generate)")
+    parser.add_argument("--files", type=int, default=3000, help="files in a generated repository")
+    parser.add_argument("--commits", type=int, default=200, help="its number of commits")
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
+    args = parser.parse_args()
+    os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
+    with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
+        bare = Path(tmp, "repos", "bench.git")
+        bare.parent.mkdir()
+        if args.repo is None:
+            make_repo(bare, files=args.files, commits=args.commits)
+        else:  # a copy: branches are added to it
+            git("clone", "-q", "--bare", str(args.repo.resolve()), str(bare))
+        work = Path(tmp, "work")
+        work.mkdir()
+        run(bare, args.runs, work)
+
+
+if __name__ == "__main__":
+    main()
