@@ -45,3 +45,27 @@ async def test_snapshot_equals_git_clone(
     # The clone is usable: it fetches from origin like any other.
     await agit("fetch", "-q", "origin", cwd=snap)
     assert git("log", "--format=%s", cwd=snap).split("\n")[0] == "second: a submodule"
+
+
+async def test_git_suffix_and_only_branches_and_tags(
+    client: Any, upstream: Upstream, rich: str, scratch: Path
+) -> None:
+    bare = upstream.root / f"{rich}.git"
+    head = git("rev-parse", "HEAD", cwd=bare).strip()
+    git("update-ref", "refs/pull/1/head", head, cwd=bare)
+    git("update-ref", "refs/changes/01/1/1", head, cwd=bare)
+
+    response = await client.get(snapshot_url(f"{rich}.git"))
+    assert response.status == 200
+    snap = extract(await response.read(), scratch / "snap")
+    refs = git("for-each-ref", "--format=%(refname)", cwd=snap).split()
+    assert refs and all(r.startswith(("refs/heads/", "refs/remotes/", "refs/tags/")) for r in refs)
+    # Same repository with or without the suffix: the second request is a hit.
+    again = await client.get(snapshot_url(rich))
+    assert again.headers["X-Gitcache-Source"] == "hit"
+
+
+async def test_healthz(client: Any) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
