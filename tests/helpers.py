@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+from gitcache.snapshot import service as service_module
 from tests.upstream import git
+
+
+def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None]]) -> None:
+    """Make generations use the real tar stream, awaiting ``after_chunk(bytes so far)``
+    after each chunk: to slow a generation down, or to make it fail part-way."""
+    real = service_module.build_tar
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        sent = 0
+        async with contextlib.aclosing(real(*args, **kwargs)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+                sent += len(chunk)
+                await after_chunk(sent)
+
+    monkeypatch.setattr(service_module, "build_tar", wrapped)
+
 
 HOST = "example.test"
 

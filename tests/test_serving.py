@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,8 +13,7 @@ import pytest
 
 from gitcache import keys
 from gitcache.errors import GitError
-from gitcache.snapshot import service as service_module
-from tests.helpers import extract, snapshot_url, status
+from tests.helpers import extract, snapshot_url, status, wrap_build_tar
 from tests.upstream import Upstream, git, make_big_repo
 
 
@@ -90,18 +88,12 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
     state_dir: Path,
 ) -> None:  # fmt: skip
     upstream.create("big", big_work)
-    real_build_tar = service_module.build_tar
 
-    async def failing_build_tar(*args: Any, **kwargs: Any) -> Any:
-        sent = 0
-        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-                sent += len(chunk)
-                if sent > 4 * 1024 * 1024:
-                    raise GitError("git archive failed: simulated corruption")
+    async def fail_after_4mib(sent: int) -> None:
+        if sent > 4 * 1024 * 1024:
+            raise GitError("git archive failed: simulated corruption")
 
-    monkeypatch.setattr(service_module, "build_tar", failing_build_tar)
+    wrap_build_tar(monkeypatch, fail_after_4mib)
     first, second = await asyncio.gather(
         client.get(snapshot_url("big")), client.get(snapshot_url("big"))
     )
@@ -114,7 +106,7 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
     assert not any((state_dir / "tmp").iterdir())
     assert not (state_dir / "cache").joinpath("example.test").exists()
 
-    monkeypatch.setattr(service_module, "build_tar", real_build_tar)
+    monkeypatch.undo()
     retry = await client.get(snapshot_url("big"))
     assert retry.headers["X-Gitcache-Source"] == "miss"
     assert len(await retry.read()) > 20 * 1024 * 1024
@@ -126,15 +118,11 @@ async def test_curl_fails_on_an_aborted_stream(
     scratch: Path,
 ) -> None:  # fmt: skip
     upstream.create("big", big_work)
-    real_build_tar = service_module.build_tar
 
-    async def failing_build_tar(*args: Any, **kwargs: Any) -> Any:
-        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-                raise GitError("simulated")
+    async def fail_at_once(sent: int) -> None:
+        raise GitError("simulated")
 
-    monkeypatch.setattr(service_module, "build_tar", failing_build_tar)
+    wrap_build_tar(monkeypatch, fail_at_once)
     url = str(client.make_url(snapshot_url("big")))
     proc = await asyncio.create_subprocess_exec(
         "curl", "-sf", "-o", str(scratch / "out"), url, stdout=subprocess.DEVNULL

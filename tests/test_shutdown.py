@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,7 @@ import aiohttp
 import pytest
 
 from gitcache import keys
-from gitcache.snapshot import service as service_module
-from tests.helpers import processes_mentioning, snapshot_url
+from tests.helpers import processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream, make_big_repo
 
 
@@ -28,15 +26,11 @@ async def test_shutdown_mid_generation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     upstream.create("big", big)
-    real_build_tar = service_module.build_tar
 
-    async def slow_build_tar(*args: Any, **kwargs: Any) -> Any:
-        async with contextlib.aclosing(real_build_tar(*args, **kwargs)) as chunks:
-            async for chunk in chunks:
-                await asyncio.sleep(0.2)
-                yield chunk
+    async def slowly(sent: int) -> None:
+        await asyncio.sleep(0.2)
 
-    monkeypatch.setattr(service_module, "build_tar", slow_build_tar)
+    wrap_build_tar(monkeypatch, slowly)
     client = await make_client()
     async with aiohttp.ClientSession() as session:
         response = await session.get(client.make_url(snapshot_url("big")))
