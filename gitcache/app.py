@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,9 +12,12 @@ from gitcache import keys
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
 from gitcache.mirror.store import MirrorStore
+from gitcache.mirror.upkeep import Upkeep
+from gitcache.refresh import Refresher
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 from gitcache.web.errors import error_middleware
+from gitcache.web.hooks import admin_refresh, hook
 from gitcache.web.snapshot import snapshot
 
 # [\s\S]: a newline in the path must reach the validator (and get its 400), not fall
@@ -25,11 +29,15 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+def create_app(
+    config: Config, *, clock: Callable[[], float] = time.time, background: bool = True
+) -> web.Application:
     """Build the application. Nothing starts until it runs: resources are opened by the
-    cleanup contexts, in order, and closed in reverse."""
+    cleanup contexts, in order, and closed in reverse. ``background=False`` leaves the
+    refresh loop off (tests drive it by hand with an injected ``clock``)."""
     app = web.Application(middlewares=[error_middleware])
     app[keys.CONFIG] = config
+    app[keys.CLOCK] = clock
     state = config.server.state_dir
 
     async def task_set(app: web.Application) -> AsyncIterator[None]:
@@ -55,7 +63,23 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
         app[keys.SNAPSHOTS] = service
         yield
 
-    app.cleanup_ctx.extend([task_set, disk_cache, snapshots])
+    async def refresher(app: web.Application) -> AsyncIterator[None]:
+        upkeep = Upkeep(config, app[keys.MIRRORS])
+        refresh = Refresher(
+            config, app[keys.MIRRORS], app[keys.SNAPSHOTS], upkeep, app[keys.TASKS], clock
+        )
+        refresh.load()
+        app[keys.REFRESHER] = refresh
+        loop = asyncio.create_task(refresh.run(), name="refresh-loop") if background else None
+        yield
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+        refresh.save()
+
+    app.cleanup_ctx.extend([task_set, disk_cache, snapshots, refresher])
     app.router.add_get("/healthz", healthz)
     app.router.add_get(SNAPSHOT_ROUTE, snapshot)
+    app.router.add_post("/hooks/{kind}", hook)
+    app.router.add_post(r"/admin/repos/{host}/{repo:[\s\S]+}/refresh", admin_refresh)
     return app

@@ -28,6 +28,14 @@ DEFAULT_ZSTD_LEVEL = 3
 DEFAULT_ZSTD_THREADS = 0
 DEFAULT_DISK_MAX_SIZE = 50 * 1024**3
 DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_KEEP = 2
+DEFAULT_EVICT_AFTER = 30 * 86400.0
+DEFAULT_MAINTENANCE_INTERVAL = 86400.0
+DEFAULT_REFRESH_INTERVAL = 600.0
+DEFAULT_IDLE_AFTER = 7 * 86400.0
+DEFAULT_REFRESH_CONCURRENCY = 4
+DEFAULT_STALE_IF_ERROR = 86400.0
+DEFAULT_BACKOFF_MAX = 3600.0
 
 ENV_CONFIG = "GITCACHE_CONFIG"
 ENV_PREFIX = "GITCACHE_"
@@ -58,6 +66,29 @@ class MirrorsConfig:
     clone_timeout: float = DEFAULT_CLONE_TIMEOUT
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     git_timeout: float = DEFAULT_GIT_TIMEOUT
+    evict_after: float = DEFAULT_EVICT_AFTER
+    maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    interval: float = DEFAULT_REFRESH_INTERVAL
+    idle_after: float = DEFAULT_IDLE_AFTER
+    concurrency: int = DEFAULT_REFRESH_CONCURRENCY
+    stale_if_error: float = DEFAULT_STALE_IF_ERROR
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+    pinned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """A webhook receiver; ``secret`` is read from ``secret_env`` or ``secret_file`` at
+    load time and never printed."""
+
+    host: str
+    secret_env: str = ""
+    secret_file: str = ""
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +105,7 @@ class DiskCacheConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     backend: str = "disk"
+    keep: int = DEFAULT_KEEP
     disk: DiskCacheConfig = field(default_factory=DiskCacheConfig)
 
 
@@ -98,7 +130,9 @@ class Config:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    hooks: Mapping[str, HookConfig] = field(default_factory=dict)
 
 
 # --- value parsers -------------------------------------------------------------------------
@@ -188,6 +222,12 @@ def _parse_choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _parse_repo_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "/" in v for v in value):
+        raise ValueError('expected a list of "host/repository" strings')
+    return tuple(v.removesuffix(".git") for v in value)
+
+
 def _parse_level(value: object) -> str:
     return _parse_choice("DEBUG", "INFO", "WARNING", "ERROR")(str(value).upper())
 
@@ -215,19 +255,38 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "clone_timeout": parse_duration,
         "fetch_timeout": parse_duration,
         "git_timeout": parse_duration,
+        "evict_after": parse_duration,
+        "maintenance_interval": parse_duration,
+    },
+    "refresh": {
+        "interval": parse_duration,
+        "idle_after": parse_duration,
+        "concurrency": _parse_int(1, 64),
+        "stale_if_error": parse_duration,
+        "backoff_max": parse_duration,
+        "pinned": _parse_repo_list,
     },
     "snapshot": {"zstd_level": _parse_int(-7, 22), "zstd_threads": _parse_int(-1, 64)},
-    "cache": {"backend": _parse_choice("disk")},
+    "cache": {"backend": _parse_choice("disk"), "keep": _parse_int(1, 1000)},
     "cache.disk": {"max_size": parse_size},
     "log": {"level": _parse_level},
 }
 _UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {"url": _parse_upstream_url}
+_HOOK_KEYS: dict[str, Callable[[object], object]] = {
+    "host": _parse_str,
+    "secret_env": _parse_str,
+    "secret_file": _parse_str,
+}
+HOOK_KINDS = {"github": "github.com", "gitlab": "gitlab.com"}
 
 
 def _build(cls: type[_T], name: str, table: object, **extra: object) -> _T:
     if not isinstance(table, dict):
         raise ConfigError(f"{name}: expected a table")
-    parsers = _SECTIONS.get(name, _UPSTREAM_KEYS)
+    if name in _SECTIONS:
+        parsers = _SECTIONS[name]
+    else:
+        parsers = _HOOK_KEYS if name.startswith("hooks.") else _UPSTREAM_KEYS
     allowed = parsers.keys() | (extra.keys() - {"host"})  # nested tables come as extra
     for key in table:
         if key not in allowed:
@@ -282,7 +341,16 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     _apply_env(data, environ or {})
     for key in data:
-        if key not in {"server", "mirrors", "snapshot", "cache", "log", "upstreams"}:
+        if key not in {
+            "server",
+            "mirrors",
+            "snapshot",
+            "cache",
+            "log",
+            "refresh",
+            "upstreams",
+            "hooks",
+        }:
             raise ConfigError(f"{key}: unknown section")
     cache_table = data.get("cache", {})
     if not isinstance(cache_table, dict):
@@ -300,7 +368,24 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         upstreams[host] = _build(UpstreamConfig, f"upstreams.{host}", table, host=host)
     if not upstreams:
         raise ConfigError("upstreams: at least one upstream host must be configured")
+    hooks: dict[str, HookConfig] = {}
+    raw_hooks = data.get("hooks", {})
+    if not isinstance(raw_hooks, dict):
+        raise ConfigError("hooks: expected a table")
+    for kind, table in raw_hooks.items():
+        if kind not in HOOK_KINDS:
+            raise ConfigError(f"hooks.{kind}: unknown hook, expected one of {sorted(HOOK_KINDS)}")
+        hook = _build(HookConfig, f"hooks.{kind}", {"host": HOOK_KINDS[kind], **table})
+        hooks[kind] = dataclasses.replace(hook, secret=_read_secret(f"hooks.{kind}", hook, environ))
+        if hook.host not in upstreams:
+            raise ConfigError(f"hooks.{kind}.host: {hook.host!r} is not a configured upstream")
+    refresh = _build(RefreshConfig, "refresh", data.get("refresh", {}))
+    for pinned in refresh.pinned:
+        if pinned.split("/", 1)[0] not in upstreams:
+            raise ConfigError(f"refresh.pinned: {pinned!r} is not on a configured upstream")
     return Config(
+        refresh=refresh,
+        hooks=hooks,
         server=_build(ServerConfig, "server", data.get("server", {})),
         mirrors=_build(MirrorsConfig, "mirrors", data.get("mirrors", {})),
         snapshot=_build(SnapshotConfig, "snapshot", data.get("snapshot", {})),
@@ -308,6 +393,23 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         log=_build(LogConfig, "log", data.get("log", {})),
         upstreams=upstreams,
     )
+
+
+def _read_secret(name: str, hook: HookConfig, environ: Mapping[str, str] | None) -> str:
+    if bool(hook.secret_env) == bool(hook.secret_file):
+        raise ConfigError(f"{name}: set exactly one of secret_env and secret_file")
+    if hook.secret_env:
+        secret = (environ or os.environ).get(hook.secret_env, "")
+        if not secret:
+            raise ConfigError(f"{name}.secret_env: ${hook.secret_env} is not set")
+        return secret
+    try:
+        secret = Path(hook.secret_file).read_text("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}.secret_file: cannot read: {exc.strerror or exc}") from None
+    if not secret:
+        raise ConfigError(f"{name}.secret_file: the file is empty")
+    return secret
 
 
 def dump_config(config: Config) -> str:
@@ -318,7 +420,7 @@ def dump_config(config: Config) -> str:
         lines.append(f"[{header}]")
         for f in dataclasses.fields(obj):  # type: ignore[arg-type]
             value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value) or f.name == "host":
+            if dataclasses.is_dataclass(value) or f.name in ("host", "secret"):
                 continue
             lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
@@ -329,12 +431,18 @@ def dump_config(config: Config) -> str:
     emit("cache", config.cache)
     emit("cache.disk", config.cache.disk)
     emit("log", config.log)
+    emit("refresh", config.refresh)
     for host, upstream in config.upstreams.items():
         emit(f'upstreams."{host}"', upstream)
+    for kind, hook in config.hooks.items():
+        emit(f"hooks.{kind}", hook)
+        lines.insert(-1, f"host = {_toml_value(hook.host)}")
     return "\n".join(lines)
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

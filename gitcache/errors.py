@@ -4,7 +4,9 @@ HTTP status and a stable machine-readable ``code``; the web layer turns it into
 boundary where they happen (``raise … from exc``), never in the handlers.
 
     GitcacheError (500)
-    ├── BadRequest (400)          malformed repository path or ref
+    ├── BadRequest (400)          malformed repository path, ref or payload
+    ├── Unauthorized (401)        a webhook without a valid signature or token
+    ├── Forbidden (403)           an admin route from elsewhere than loopback
     ├── NotFound (404)            host not configured, repository or ref unknown upstream
     ├── PreconditionFailed (412)
     ├── RangeNotSatisfiable (416)
@@ -34,6 +36,16 @@ class GitcacheError(Exception):
 class BadRequest(GitcacheError):
     status = 400
     code = "bad_request"
+
+
+class Unauthorized(GitcacheError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(GitcacheError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(GitcacheError):

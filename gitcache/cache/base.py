@@ -46,8 +46,11 @@ class Reader(Protocol):
     """An open cached snapshot. ``file`` is set when the bytes can be sent with sendfile;
     otherwise they are streamed with :meth:`chunks`."""
 
-    entry: Entry
-    file: BinaryIO | None
+    @property
+    def entry(self) -> Entry: ...
+
+    @property
+    def file(self) -> BinaryIO | None: ...
 
     def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]: ...
 
@@ -68,5 +71,8 @@ class Cache(Protocol):
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         """Record that the upstream still matched ``entry`` at ``fetched_at``."""
+
+    async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
+        """Delete all but the ``keep`` newest entries for ``ref``."""
 
     async def close(self) -> None: ...

@@ -184,6 +184,12 @@ class DiskCache:
                 with contextlib.suppress(FileNotFoundError):
                     await asyncio.to_thread(self._path(repo, key).unlink)
 
+    async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
+        entries = [e for e in (await self._manifest(repo)).entries if e.ref == ref]
+        entries.sort(key=lambda e: e.created, reverse=True)
+        if len(entries) > keep:
+            await self.delete(repo, *(e.key for e in entries[keep:]))
+
     async def _evict(self) -> None:
         # The newest entry always stays, even alone over budget: it was just asked for.
         while self.size > self.max_size and len(self._lru) > 1:

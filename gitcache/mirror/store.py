@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -52,6 +51,17 @@ _NOT_FOUND_HINTS = (
 )
 
 
+_CORRUPT_HINTS = (
+    "corrupt",
+    "bad object",
+    "missing object",
+    "loose object",
+    "packfile",
+    "inflate",
+    "did not send all necessary objects",
+)
+
+
 @dataclass
 class Mirror:
     repo: RepoRef
@@ -83,6 +93,7 @@ class MirrorStore:
         self._updates: Coalescer[Mirror] = Coalescer(tasks)
         self.clones = 0
         self.fetches = 0
+        self.rebuilds = 0
 
     def mirror(self, repo: RepoRef) -> Mirror:
         """The in-memory handle of a repository's mirror (it may not exist on disk yet)."""
@@ -115,11 +126,51 @@ class MirrorStore:
         return mirror
 
     async def _clone(self, mirror: Mirror) -> None:
+        started = time.monotonic()
+        tmp, refs = await self._clone_into_tmp(mirror)
+        try:
+            mirror.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(mirror.path)
+        finally:
+            await self._remove(tmp)
+        self.clones += 1
+        mirror.refs, mirror.fetched_at = refs, self._clock()
+        log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+
+    async def rebuild(self, mirror: Mirror) -> None:
+        """Re-clone a damaged mirror beside it and swap it in; until the swap, requests
+        keep being served from the cache and the old mirror."""
+        log.warning("rebuilding the mirror of %s", mirror.repo.name)
+        tmp, refs = await self._clone_into_tmp(mirror)
+        trash = self.tmp / f"trash-{uuid.uuid4().hex}"
+        try:
+            async with mirror.lock.write():
+                if mirror.path.exists():
+                    mirror.path.rename(trash)
+                tmp.rename(mirror.path)
+                mirror.refs, mirror.fetched_at = refs, self._clock()
+        finally:
+            await self._remove(tmp)
+            await self._remove(trash)
+        self.rebuilds += 1
+
+    async def delete(self, mirror: Mirror) -> None:
+        """Remove a mirror (idle too long); a generation reading it finishes first."""
+        trash = self.tmp / f"trash-{uuid.uuid4().hex}"
+        async with mirror.lock.write():
+            if mirror.path.exists():
+                self.tmp.mkdir(parents=True, exist_ok=True)
+                mirror.path.rename(trash)
+            mirror.refs, mirror.fetched_at = None, 0.0
+        await self._remove(trash)
+        log.info("deleted the idle mirror of %s", mirror.repo.name)
+
+    async def _clone_into_tmp(self, mirror: Mirror) -> tuple[Path, RefState]:
+        """Clone into a new directory under ``tmp``; it is removed again on failure."""
         cfg = self._config.mirrors
         self.tmp.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"clone-{uuid.uuid4().hex}"
         log.info("cloning %s", mirror.repo.name)
-        started = time.monotonic()
         try:
             config_args = [a for k, v in MIRROR_CONFIG.items() for a in ("-c", f"{k}={v}")]
             try:
@@ -132,15 +183,15 @@ class MirrorStore:
             await self._configure(tmp)
             await self._pack_refs(tmp)
             refs = await asyncio.to_thread(read_ref_state, tmp)
-            mirror.path.parent.mkdir(parents=True, exist_ok=True)
             (tmp / FETCH_STAMP).touch()
-            os.rename(tmp, mirror.path)
-        finally:
-            if tmp.exists():
-                await asyncio.to_thread(shutil.rmtree, tmp, True)
-        self.clones += 1
-        mirror.refs, mirror.fetched_at = refs, self._clock()
-        log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+        except BaseException:
+            await self._remove(tmp)
+            raise
+        return tmp, refs
+
+    @staticmethod
+    async def _remove(path: Path) -> None:
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
     async def _fetch(self, mirror: Mirror) -> None:
         cfg = self._config.mirrors
@@ -167,7 +218,9 @@ class MirrorStore:
                     await self._pack_refs(mirror.path)
                     mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
         except GitError as exc:
-            raise upstream_failure(mirror.repo, exc) from exc
+            if not _corrupt(exc):
+                raise upstream_failure(mirror.repo, exc) from exc
+            await self.rebuild(mirror)
         (mirror.path / FETCH_STAMP).touch()
         self.fetches += 1
         mirror.fetched_at = self._clock()
@@ -187,6 +240,12 @@ class MirrorStore:
             ["-C", str(git_dir), "pack-refs", "--all", "--prune"],
             timeout=self._config.mirrors.git_timeout,
         )
+
+
+def _corrupt(exc: GitError) -> bool:
+    """Does a failed fetch say the mirror itself is damaged (not the upstream)?"""
+    text = exc.stderr.lower()
+    return any(hint in text for hint in _CORRUPT_HINTS)
 
 
 def parse_ls_remote(listing: bytes) -> tuple[str | None, dict[str, str]]:

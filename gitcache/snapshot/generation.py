@@ -107,6 +107,11 @@ class Generation:
             os.close(self._fd)
             self._fd = None
 
+    async def wait(self) -> None:
+        """Until the generation has finished, one way or the other."""
+        while not self.done and self.error is None:
+            await self._changed.wait()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()

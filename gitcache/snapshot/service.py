@@ -19,11 +19,11 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gitcache.cache.base import Cache, Entry, Reader
 from gitcache.config import Config
-from gitcache.errors import GitcacheError, GitError, NotFound
+from gitcache.errors import GitcacheError, GitError, NotFound, UpstreamError
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import Mirror, MirrorStore
@@ -37,12 +37,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Hit:
+    """A cached snapshot; ``source`` is ``hit``, or ``stale`` when the upstream failed and
+    an older snapshot stands in."""
+
     reader: Reader
     source: str = "hit"
 
     @property
     def commit(self) -> str:
         return self.reader.entry.commit
+
+    @property
+    def fetched_at(self) -> float:
+        return self.reader.entry.fetched_at
 
 
 @dataclass
@@ -52,6 +59,14 @@ class Stream:
     commit: str
     source: str
     body: AsyncGenerator[bytes, None] | None
+    fetched_at: float
+
+
+@dataclass(frozen=True)
+class Resolved:
+    mirror: Mirror
+    checkout: Checkout
+    key: str
 
 
 def snapshot_key(ref: str, checkout: Checkout, refs_digest: str) -> str:
@@ -79,6 +94,7 @@ class SnapshotService:
         self._tmp_dir = config.server.state_dir / "tmp"
         self._generations: dict[tuple[RepoRef, str], Generation] = {}
         self.generations_started = 0
+        self.stale_served = 0
 
     def clean_leftovers(self) -> None:
         """At start-up, before anything runs: spools and temp dirs of a previous process
@@ -91,40 +107,90 @@ class SnapshotService:
     def running(self) -> int:
         return len(self._generations)
 
-    async def serve(self, repo: RepoRef, spec: RefSpec, *, start: bool = True) -> Hit | Stream:
-        """Find or make the snapshot of ``repo`` at ``spec``. With ``start=False`` (HEAD)
-        no generation is started: a miss comes back with no body."""
+    async def serve(
+        self, repo: RepoRef, spec: RefSpec, *, start: bool = True, max_age: float | None = None
+    ) -> Hit | Stream:
+        """Find or make the snapshot of ``repo`` at ``spec``, from an upstream fetch no older
+        than ``max_age`` seconds (default: the configured window). With ``start=False``
+        (HEAD) no generation is started: a miss comes back with no body. When the upstream
+        fails, an older snapshot within ``refresh.stale_if_error`` is served instead."""
+        window = self._fetch_interval if max_age is None else min(max_age, self._fetch_interval)
         entry = await self._cache.newest(repo, spec.label)
-        if entry is not None and self._clock() - entry.fetched_at <= self._fetch_interval:
+        if entry is not None and self._clock() - entry.fetched_at <= window:
             hit = await self._open(repo, entry)
             if hit is not None:
                 return hit
+        try:
+            resolved = await self._resolve(repo, spec, window)
+        except UpstreamError:
+            stale = await self._stale(repo, entry)
+            if stale is None:
+                raise
+            return stale
+        return await self._find_or_start(repo, spec, resolved, start)
 
-        mirror = await self._mirrors.ensure(repo)
+    async def prepare(self, repo: RepoRef, spec: RefSpec) -> bool:
+        """Make sure the snapshot for the mirror's current refs exists, generating it if
+        needed and waiting for it: what a refresh job does so the next request is a hit.
+        Returns whether a new snapshot was generated."""
+        resolved = await self._resolve(repo, spec, self._fetch_interval)
+        result = await self._find_or_start(repo, spec, resolved, start=True)
+        if isinstance(result, Hit):
+            await result.reader.close()
+            return False
+        assert result.body is not None
+        await result.body.aclose()  # nobody reads it here: the generation goes on alone
+        generation = self._generations.get((repo, resolved.key))
+        if generation is not None:
+            await generation.wait()
+        return result.source == "miss"
+
+    async def _resolve(self, repo: RepoRef, spec: RefSpec, window: float) -> Resolved:
+        asked = self._clock()
+        mirror = await self._mirrors.ensure(repo, window)
+        if spec.sha is not None and not await self._has_commit(mirror, spec.sha):
+            if mirror.fetched_at < asked:  # the mirror may predate the commit: fetch once
+                mirror = await self._mirrors.ensure(repo, 0)
+            if not await self._has_commit(mirror, spec.sha):
+                raise NotFound(f"commit {spec.sha} not found in {repo.name}", code="ref_not_found")
         assert mirror.refs is not None
         checkout = mirror.refs.resolve(spec)
-        if spec.sha is not None:
-            await self._require_commit(mirror, spec.sha)
-        key = snapshot_key(spec.label, checkout, mirror.refs.digest)
+        return Resolved(mirror, checkout, snapshot_key(spec.label, checkout, mirror.refs.digest))
 
-        stream = self._follow(repo, key, start)
+    async def _find_or_start(
+        self, repo: RepoRef, spec: RefSpec, resolved: Resolved, start: bool
+    ) -> Hit | Stream:
+        mirror, checkout, key = resolved.mirror, resolved.checkout, resolved.key
+        stream = self._follow(repo, key, start, mirror.fetched_at)
         if stream is not None:
             return stream
         entry = await self._cache.get(repo, key)
         if entry is not None:
             if entry.fetched_at < mirror.fetched_at:
                 await self._cache.touch(repo, entry, mirror.fetched_at)
+                entry = replace(entry, fetched_at=mirror.fetched_at)
             hit = await self._open(repo, entry)
             if hit is not None:
                 return hit
         # Looked up again: a generation may have started while the cache was read.
-        stream = self._follow(repo, key, start)
+        stream = self._follow(repo, key, start, mirror.fetched_at)
         if stream is not None:
             return stream
         if not start:
-            return Stream(checkout.commit, "miss", None)
+            return Stream(checkout.commit, "miss", None, mirror.fetched_at)
         generation = self._start(repo, mirror, spec, checkout, key)
-        return Stream(checkout.commit, "miss", generation.reader())
+        return Stream(checkout.commit, "miss", generation.reader(), mirror.fetched_at)
+
+    async def _stale(self, repo: RepoRef, entry: Entry | None) -> Hit | None:
+        limit = self._config.refresh.stale_if_error
+        if entry is None or self._clock() - entry.fetched_at > limit:
+            return None
+        reader = await self._cache.open(repo, entry)
+        if reader is None:
+            return None
+        self.stale_served += 1
+        log.warning("serving a stale snapshot of %s: the upstream failed", repo.name)
+        return Hit(reader, source="stale")
 
     @property
     def _fetch_interval(self) -> float:
@@ -134,25 +200,24 @@ class SnapshotService:
         reader = await self._cache.open(repo, entry)
         return Hit(reader) if reader is not None else None
 
-    def _follow(self, repo: RepoRef, key: str, start: bool) -> Stream | None:
+    def _follow(self, repo: RepoRef, key: str, start: bool, fetched_at: float) -> Stream | None:
         generation = self._generations.get((repo, key))
         if generation is None:
             return None
         if not start:
-            return Stream(generation.commit, "follower", None)
+            return Stream(generation.commit, "follower", None, fetched_at)
         generation.followers += 1
-        return Stream(generation.commit, "follower", generation.reader())
+        return Stream(generation.commit, "follower", generation.reader(), fetched_at)
 
-    async def _require_commit(self, mirror: Mirror, sha: str) -> None:
+    async def _has_commit(self, mirror: Mirror, sha: str) -> bool:
         try:
             await run_git(
                 ["--git-dir", str(mirror.path), "cat-file", "-e", f"{sha}^{{commit}}"],
                 timeout=self._config.mirrors.git_timeout,
             )
         except GitError:
-            raise NotFound(
-                f"commit {sha} not found in {mirror.repo.name}", code="ref_not_found"
-            ) from None
+            return False
+        return True
 
     def _start(
         self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
@@ -203,6 +268,7 @@ class SnapshotService:
             )
             try:
                 await self._cache.commit(repo, generation.spool, entry)
+                await self._cache.prune(repo, entry.ref, self._config.cache.keep)
             except Exception:
                 # Clients still get their verified bytes; only the cache misses out.
                 log.exception("could not commit %s %s to the cache", repo.name, generation.key)

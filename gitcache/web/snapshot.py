@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from email.utils import formatdate
 
 from aiohttp import web
 
 from gitcache import keys
-from gitcache.errors import GitcacheError
+from gitcache.errors import BadRequest, GitcacheError
 from gitcache.repo import RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import Hit, Stream
 from gitcache.web import conditional
@@ -29,17 +30,57 @@ def _common_headers(repo: RepoRef, commit: str, source: str) -> dict[str, str]:
     }
 
 
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+IMMUTABLE = "public, max-age=31536000, immutable"
+# What a 304 repeats of the 200 it stands for (RFC 9110 §15.4.5).
+NOT_MODIFIED_HEADERS = (
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "X-Gitcache-Commit",
+    "X-Gitcache-Source",
+    "X-Gitcache-Age",
+)
+
+
+def parse_max_age(request: web.Request) -> float | None:
+    """The freshness the client asks for: ``?max_age=N`` or ``Cache-Control: max-age=N``
+    (the stricter of the two)."""
+    ages: list[float] = []
+    if (value := request.query.get("max_age")) is not None:
+        if not value.isdigit() or len(value) > 12:
+            raise BadRequest("max_age must be a whole number of seconds", code="invalid_max_age")
+        ages.append(float(value))
+    if (match := _MAX_AGE.search(request.headers.get("Cache-Control", ""))) is not None:
+        ages.append(float(match[1]))
+    return min(ages, default=None)
+
+
 async def snapshot(request: web.Request) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
     repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
     spec = parse_ref(request.query.get("ref"))
-    result = await request.app[keys.SNAPSHOTS].serve(repo, spec, start=request.method == "GET")
+    max_age = parse_max_age(request)
+    result = await request.app[keys.SNAPSHOTS].serve(
+        repo, spec, start=request.method == "GET", max_age=max_age
+    )
+    request.app[keys.REFRESHER].requested(repo, spec.label)
+    age = max(0, int(request.app[keys.CLOCK]() - result.fetched_at))
+    if spec.sha is not None:
+        cache_control = IMMUTABLE  # a commit's snapshot never changes meaning
+    elif result.source == "stale":
+        cache_control = "max-age=0, must-revalidate"
+    else:
+        cache_control = f"max-age={max(0, int(config.mirrors.fetch_interval) - age)}"
+    extra = {"X-Gitcache-Age": str(age), "Cache-Control": cache_control}
     if isinstance(result, Hit):
-        return await _send_hit(request, repo, result)
-    return await _send_stream(request, repo, result)
+        return await _send_hit(request, repo, result, extra)
+    return await _send_stream(request, repo, result, extra)
 
 
-async def _send_hit(request: web.Request, repo: RepoRef, hit: Hit) -> web.StreamResponse:
+async def _send_hit(
+    request: web.Request, repo: RepoRef, hit: Hit, extra: dict[str, str]
+) -> web.StreamResponse:
     reader = hit.reader
     entry = reader.entry
     try:
@@ -50,7 +91,7 @@ async def _send_hit(request: web.Request, repo: RepoRef, hit: Hit) -> web.Stream
             modified=entry.created,
             size=entry.size,
         )
-        headers = _common_headers(repo, entry.commit, hit.source)
+        headers = _common_headers(repo, entry.commit, hit.source) | extra
         headers.update(
             {
                 "ETag": entry.etag,
@@ -61,10 +102,7 @@ async def _send_hit(request: web.Request, repo: RepoRef, hit: Hit) -> web.Stream
         if plan.status == 304:
             return web.Response(
                 status=304,
-                headers={
-                    k: headers[k]
-                    for k in ("ETag", "Last-Modified", "X-Gitcache-Commit", "X-Gitcache-Source")
-                },
+                headers={k: headers[k] for k in NOT_MODIFIED_HEADERS},
             )
         if plan.status == 206:
             headers["Content-Range"] = plan.content_range(entry.size)
@@ -98,8 +136,10 @@ async def _send_range(
         await response.write(chunk)
 
 
-async def _send_stream(request: web.Request, repo: RepoRef, stream: Stream) -> web.StreamResponse:
-    headers = _common_headers(repo, stream.commit, stream.source)
+async def _send_stream(
+    request: web.Request, repo: RepoRef, stream: Stream, extra: dict[str, str]
+) -> web.StreamResponse:
+    headers = _common_headers(repo, stream.commit, stream.source) | extra
     if stream.body is None:  # HEAD: say what GET would send, start nothing
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)

@@ -1,0 +1,99 @@
+"""Mirror maintenance: repack, commit-graph, stale lock files, and integrity.
+
+Runs under the mirror's write lock, so no fetch changes the mirror meanwhile and no
+generation is pinning its files (generations hold the read lock only while hard-linking,
+so a repack never removes a file a snapshot is being built from). A mirror that fails
+``git fsck --connectivity-only`` is re-cloned beside it and swapped in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from gitcache.config import Config
+from gitcache.errors import GitError
+from gitcache.mirror.runner import run_git
+from gitcache.mirror.store import Mirror, MirrorStore
+
+log = logging.getLogger(__name__)
+
+# Bounded in memory and CPU: the delta search is what costs, and it is capped per thread.
+REPACK_CONFIG = (
+    "-c",
+    "pack.windowMemory=256m",
+    "-c",
+    "pack.threads=1",
+    "-c",
+    "pack.deltaCacheSize=64m",
+)
+
+
+def remove_stale_locks(git_dir: Path) -> list[Path]:
+    """Lock files left by a killed git. Safe only under the write lock: then no git of
+    ours is writing to the mirror."""
+    stale = [p for p in git_dir.rglob("*.lock") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class Upkeep:
+    def __init__(self, config: Config, mirrors: MirrorStore) -> None:
+        self._config = config
+        self._mirrors = mirrors
+        self.maintenance_runs = 0
+
+    async def maintain(self, mirror: Mirror) -> None:
+        git_dir = str(mirror.path)
+        timeout = self._config.mirrors.fetch_timeout
+        started = time.monotonic()
+        try:
+            async with mirror.lock.write():
+                for path in remove_stale_locks(mirror.path):
+                    log.warning("removed stale lock file %s", path)
+                await run_git(
+                    [
+                        "-C",
+                        git_dir,
+                        *REPACK_CONFIG,
+                        "repack",
+                        "-d",
+                        "-q",
+                        "--geometric=2",
+                        "--write-midx",
+                        "--write-bitmap-index",
+                    ],
+                    timeout=timeout,
+                )
+                await run_git(
+                    [
+                        "-C",
+                        git_dir,
+                        "commit-graph",
+                        "write",
+                        "--reachable",
+                        "--split",
+                        "--no-progress",
+                    ],
+                    timeout=timeout,
+                )
+        except GitError as exc:
+            log.warning("maintenance of %s failed: %s", mirror.repo.name, exc.message)
+        if not await self.healthy(mirror):
+            await self._mirrors.rebuild(mirror)
+        self.maintenance_runs += 1
+        log.info("maintained %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+
+    async def healthy(self, mirror: Mirror) -> bool:
+        try:
+            async with mirror.lock.read():
+                await run_git(
+                    ["-C", str(mirror.path), "fsck", "--connectivity-only", "--no-progress"],
+                    timeout=self._config.mirrors.fetch_timeout,
+                )
+        except GitError as exc:
+            log.error("mirror of %s is damaged: %s", mirror.repo.name, exc.message)
+            return False
+        return True

@@ -1,0 +1,197 @@
+"""The periodic refresh scheduler: keeps requested repositories fresh so requests are hits.
+
+Every repository requested within ``refresh.idle_after`` (and every pinned one) is fetched
+about every ``refresh.interval``, with ±10% jitter so refreshes do not come in waves, by at
+most ``refresh.concurrency`` jobs at once and one job per repository at a time. After a
+fetch, the snapshots of the refs clients asked for are generated if the refs changed, so
+the next request is a hit; unchanged refs cost one ``ls-remote`` and nothing else. A
+repository whose upstream fails is retried with exponential backoff up to
+``refresh.backoff_max``. Run times are persisted, so a restart does not refetch everything.
+
+The same sweep deletes mirrors idle longer than ``mirrors.evict_after`` and runs mirror
+maintenance every ``mirrors.maintenance_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from gitcache.config import Config
+from gitcache.errors import GitcacheError
+from gitcache.mirror.store import MirrorStore
+from gitcache.mirror.upkeep import Upkeep
+from gitcache.repo import RepoRef, parse_ref, parse_repo
+from gitcache.snapshot.service import SnapshotService
+from gitcache.tasks import Coalescer, TaskSet, run_blocking
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "refresh.json"
+TICK = 1.0  # seconds between looks at what is due
+JITTER = 0.1
+
+
+@dataclass
+class RepoState:
+    last_requested: float = 0.0
+    refs: list[str] = field(default_factory=list)
+    next_run: float = 0.0
+    last_run: float = 0.0
+    last_result: str = ""
+    failures: int = 0
+    last_maintenance: float = 0.0
+
+
+class Refresher:
+    def __init__(
+        self,
+        config: Config,
+        mirrors: MirrorStore,
+        snapshots: SnapshotService,
+        upkeep: Upkeep,
+        tasks: TaskSet,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._cfg = config.refresh
+        self._mirrors = mirrors
+        self._snapshots = snapshots
+        self._upkeep = upkeep
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
+        self._path = config.server.state_dir / STATE_FILE
+        self._jobs: Coalescer[None] = Coalescer(tasks)
+        self._slots = asyncio.Semaphore(self._cfg.concurrency)
+        self.repos: dict[RepoRef, RepoState] = {}
+        self._saved = ""  # what the state file holds, so an idle tick writes nothing
+        self.pinned = {_pinned(name, config) for name in self._cfg.pinned}
+
+    # --- state -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read persisted run times; register pinned repositories, due at once."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            data = json.loads(self._path.read_text("utf-8"))
+            for name, raw in data["repos"].items():
+                host, path = name.split("/", 1)
+                self.repos[RepoRef(host, path)] = RepoState(**raw)
+        now = self._clock()
+        for repo in self.pinned:
+            state = self.repos.setdefault(repo, RepoState(refs=["HEAD"]))
+            if "HEAD" not in state.refs:
+                state.refs.append("HEAD")
+            if not (self._mirrors.mirror(repo).path / "HEAD").exists():
+                state.next_run = now  # prewarm: clone at start-up
+
+    def save(self) -> None:
+        data = {"repos": {repo.name: asdict(state) for repo, state in self.repos.items()}}
+        text = json.dumps(data, indent=1, sort_keys=True)
+        if text == self._saved:
+            return
+        tmp = self._path.with_name(f".{STATE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(text, "utf-8")
+        tmp.replace(self._path)
+        self._saved = text
+
+    def requested(self, repo: RepoRef, ref: str) -> None:
+        """A client asked for ``ref`` of ``repo``: keep it fresh from now on."""
+        now = self._clock()
+        state = self.repos.get(repo)
+        if state is None:
+            state = self.repos[repo] = RepoState(next_run=now + self._interval())
+        state.last_requested = now
+        if ref not in state.refs:
+            state.refs.append(ref)
+
+    def _interval(self, failures: int = 0) -> float:
+        if failures:
+            return float(min(self._cfg.backoff_max, self._cfg.interval * 2 ** (failures - 1)))
+        return self._cfg.interval * self._rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def _active(self, repo: RepoRef, state: RepoState, now: float) -> bool:
+        return repo in self.pinned or now - state.last_requested <= self._cfg.idle_after
+
+    # --- jobs --------------------------------------------------------------------------
+
+    async def run_due(self) -> None:
+        """Run every refresh that is due, and the sweep; return when all are done."""
+        now = self._clock()
+        due = [
+            repo
+            for repo, state in self.repos.items()
+            if state.next_run <= now and self._active(repo, state, now)
+        ]
+        await asyncio.gather(*(self.refresh(repo) for repo in due))
+        await self._sweep(now)
+        await run_blocking(self.save)
+
+    async def refresh(self, repo: RepoRef) -> None:
+        """Refresh one repository now (or join the refresh already running)."""
+        self.repos.setdefault(repo, RepoState(refs=["HEAD"], last_requested=self._clock()))
+        await self._jobs.run(repo, lambda: self._refresh(repo))
+
+    async def _refresh(self, repo: RepoRef) -> None:
+        state = self.repos[repo]
+        async with self._slots:
+            started = self._clock()
+            try:
+                await self._mirrors.ensure(repo, max_age=0)
+                generated = 0
+                for ref in list(state.refs):
+                    try:
+                        generated += await self._snapshots.prepare(repo, parse_ref(_ref(ref)))
+                    except GitcacheError as exc:
+                        if exc.status != 404:  # a deleted branch is no failure of the repo
+                            raise
+                        state.refs.remove(ref)
+            except GitcacheError as exc:
+                state.failures += 1
+                state.last_result = f"error: {exc.message}"
+                state.next_run = started + self._interval(state.failures)
+                log.warning(
+                    "refresh of %s failed (%d in a row): %s", repo.name, state.failures, exc.message
+                )
+            else:
+                state.failures = 0
+                state.last_result = f"ok: {generated} new snapshots"
+                state.next_run = started + self._interval()
+            state.last_run = started
+
+    async def _sweep(self, now: float) -> None:
+        evict_after = self._config.mirrors.evict_after
+        for repo, state in list(self.repos.items()):
+            if repo not in self.pinned and now - state.last_requested > evict_after:
+                await self._mirrors.delete(self._mirrors.mirror(repo))
+                del self.repos[repo]
+            elif now - state.last_maintenance > self._config.mirrors.maintenance_interval:
+                mirror = self._mirrors.mirror(repo)
+                if (mirror.path / "HEAD").exists():
+                    await self._upkeep.maintain(mirror)
+                state.last_maintenance = now
+
+    async def run(self) -> None:
+        """The background loop: a look every second at what is due."""
+        while True:
+            try:
+                await self.run_due()
+            except Exception:
+                log.exception("refresh sweep failed")
+            await asyncio.sleep(TICK)
+
+
+def _ref(label: str) -> str | None:
+    return None if label == "HEAD" else label
+
+
+def _pinned(name: str, config: Config) -> RepoRef:
+    host, path = name.split("/", 1)
+    return parse_repo(host, path, config.upstreams)
