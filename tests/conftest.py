@@ -71,9 +71,12 @@ async def make_client(
     """Start gitcache against the test upstream; keyword arguments are config sections."""
 
     async def start(
-        clock: Callable[[], float] = time.time, **sections: dict[str, Any]
+        clock: Callable[[], float] = time.time,
+        background: bool = True,
+        **sections: dict[str, Any],
     ) -> TestClient[web.Request, web.Application]:
-        app = create_app(make_config(state_dir, upstream, **sections), clock=clock)
+        config = make_config(state_dir, upstream, **sections)
+        app = create_app(config, clock=clock, background=background)
         return await aiohttp_client(app)  # type: ignore[no-any-return]
 
     return start

@@ -112,14 +112,14 @@ class MirrorStore:
         its last fetch is older than ``max_age`` (default: the configured window)."""
         mirror = self.mirror(repo)
         window = self._config.mirrors.fetch_interval if max_age is None else max_age
-        if mirror.refs is not None and self._clock() - mirror.fetched_at <= window:
+        if mirror.refs is not None and self._clock() - mirror.fetched_at < window:
             return mirror
         return await self._updates.run(repo, lambda: self._update(mirror, window))
 
     async def _update(self, mirror: Mirror, window: float) -> Mirror:
         if not (mirror.path / "HEAD").exists():
             await self._clone(mirror)
-        elif self._clock() - mirror.fetched_at > window:
+        elif self._clock() - mirror.fetched_at >= window:
             await self._fetch(mirror)
         else:  # fresh on disk, first use since start-up
             mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)

@@ -116,7 +116,7 @@ class SnapshotService:
         fails, an older snapshot within ``refresh.stale_if_error`` is served instead."""
         window = self._fetch_interval if max_age is None else min(max_age, self._fetch_interval)
         entry = await self._cache.newest(repo, spec.label)
-        if entry is not None and self._clock() - entry.fetched_at <= window:
+        if entry is not None and self._clock() - entry.fetched_at < window:
             hit = await self._open(repo, entry)
             if hit is not None:
                 return hit
@@ -149,7 +149,7 @@ class SnapshotService:
         asked = self._clock()
         mirror = await self._mirrors.ensure(repo, window)
         if spec.sha is not None and not await self._has_commit(mirror, spec.sha):
-            if mirror.fetched_at < asked:  # the mirror may predate the commit: fetch once
+            if mirror.fetched_at <= asked:  # the mirror may predate the commit: fetch once
                 mirror = await self._mirrors.ensure(repo, 0)
             if not await self._has_commit(mirror, spec.sha):
                 raise NotFound(f"commit {spec.sha} not found in {repo.name}", code="ref_not_found")
