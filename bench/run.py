@@ -98,7 +98,7 @@ def gitcache_server(state: Path, upstream_url: str) -> Iterator[tuple[str, int]]
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\n'
         '[mirrors]\nfetch_interval = "1h"\n[log]\nlevel = "WARNING"\n'
-        f'[upstreams."{HOST}"]\nurl = "{upstream_url}"\n'
+        f'[upstreams."{HOST}"]\nurl = "{upstream_url}"\nallow_private = true\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)]

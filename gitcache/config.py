@@ -8,6 +8,7 @@ at once with a message an operator can act on, not later with a stack trace.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = "/var/lib/gitcache"
@@ -36,6 +38,11 @@ DEFAULT_IDLE_AFTER = 7 * 86400.0
 DEFAULT_REFRESH_CONCURRENCY = 4
 DEFAULT_STALE_IF_ERROR = 86400.0
 DEFAULT_BACKOFF_MAX = 3600.0
+DEFAULT_USERNAME = "x-access-token"
+DEFAULT_AUTH_TTL = 60.0
+DEFAULT_MAX_GENERATIONS = 16
+DEFAULT_MAX_CLIENTS_PER_GENERATION = 256
+DEFAULT_DISK_MIN_FREE = 1024**3
 
 ENV_CONFIG = "GITCACHE_CONFIG"
 ENV_PREFIX = "GITCACHE_"
@@ -50,6 +57,8 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    max_generations: int = DEFAULT_MAX_GENERATIONS
+    max_clients_per_generation: int = DEFAULT_MAX_CLIENTS_PER_GENERATION
 
     @property
     def host(self) -> str:
@@ -100,6 +109,12 @@ class SnapshotConfig:
 @dataclass(frozen=True)
 class DiskCacheConfig:
     max_size: int = DEFAULT_DISK_MAX_SIZE
+    min_free: int = DEFAULT_DISK_MIN_FREE
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,11 +126,25 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
+    """An upstream host. Its credentials are read from ``token_env`` or ``token_file`` at
+    load time (never from the config file itself) and never printed."""
+
     host: str
     url: str
+    username: str = DEFAULT_USERNAME
+    token_env: str = ""
+    token_file: str = ""
+    auth: str = "none"
+    auth_ttl: float = DEFAULT_AUTH_TTL
+    allow_private: bool = False
+    token: str = field(default="", repr=False)
 
     def url_for(self, repo: str) -> str:
         return self.url.replace("{repo}", repo)
+
+    @property
+    def passthrough(self) -> bool:
+        return self.auth == "passthrough"
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     hooks: Mapping[str, HookConfig] = field(default_factory=dict)
 
@@ -213,6 +243,12 @@ def _parse_listen(value: object) -> str:
     return text
 
 
+def _parse_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def _parse_choice(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in choices:
@@ -249,6 +285,8 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "listen": _parse_listen,
         "state_dir": lambda v: Path(_parse_str(v)),
         "shutdown_timeout": parse_duration,
+        "max_generations": _parse_int(1, 10_000),
+        "max_clients_per_generation": _parse_int(1, 100_000),
     },
     "mirrors": {
         "fetch_interval": parse_duration,
@@ -268,10 +306,19 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
     },
     "snapshot": {"zstd_level": _parse_int(-7, 22), "zstd_threads": _parse_int(-1, 64)},
     "cache": {"backend": _parse_choice("disk"), "keep": _parse_int(1, 1000)},
-    "cache.disk": {"max_size": parse_size},
+    "cache.disk": {"max_size": parse_size, "min_free": parse_size},
+    "auth": {"tokens_file": _parse_str},
     "log": {"level": _parse_level},
 }
-_UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {"url": _parse_upstream_url}
+_UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {
+    "url": _parse_upstream_url,
+    "username": _parse_str,
+    "token_env": _parse_str,
+    "token_file": _parse_str,
+    "auth": _parse_choice("none", "passthrough"),
+    "auth_ttl": parse_duration,
+    "allow_private": _parse_bool,
+}
 _HOOK_KEYS: dict[str, Callable[[object], object]] = {
     "host": _parse_str,
     "secret_env": _parse_str,
@@ -365,7 +412,15 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
             raise ConfigError(f"upstreams.{host}: not a lower-case host name")
         if not isinstance(table, dict) or "url" not in table:
             raise ConfigError(f"upstreams.{host}.url: missing")
-        upstreams[host] = _build(UpstreamConfig, f"upstreams.{host}", table, host=host)
+        upstream = _build(UpstreamConfig, f"upstreams.{host}", table, host=host)
+        if not upstream.allow_private:
+            _require_public(f"upstreams.{host}", host, upstream.url)
+        token = ""
+        if upstream.token_env or upstream.token_file:
+            token = _read_secret(
+                f"upstreams.{host}", "token", upstream.token_env, upstream.token_file, environ
+            )
+        upstreams[host] = dataclasses.replace(upstream, token=token)
     if not upstreams:
         raise ConfigError("upstreams: at least one upstream host must be configured")
     hooks: dict[str, HookConfig] = {}
@@ -376,7 +431,8 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         if kind not in HOOK_KINDS:
             raise ConfigError(f"hooks.{kind}: unknown hook, expected one of {sorted(HOOK_KINDS)}")
         hook = _build(HookConfig, f"hooks.{kind}", {"host": HOOK_KINDS[kind], **table})
-        hooks[kind] = dataclasses.replace(hook, secret=_read_secret(f"hooks.{kind}", hook, environ))
+        secret = _read_secret(f"hooks.{kind}", "secret", hook.secret_env, hook.secret_file, environ)
+        hooks[kind] = dataclasses.replace(hook, secret=secret)
         if hook.host not in upstreams:
             raise ConfigError(f"hooks.{kind}.host: {hook.host!r} is not a configured upstream")
     refresh = _build(RefreshConfig, "refresh", data.get("refresh", {}))
@@ -395,21 +451,46 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
     )
 
 
-def _read_secret(name: str, hook: HookConfig, environ: Mapping[str, str] | None) -> str:
-    if bool(hook.secret_env) == bool(hook.secret_file):
-        raise ConfigError(f"{name}: set exactly one of secret_env and secret_file")
-    if hook.secret_env:
-        secret = (environ or os.environ).get(hook.secret_env, "")
+def _read_secret(
+    name: str, kind: str, env: str, file: str, environ: Mapping[str, str] | None
+) -> str:
+    """A secret from the environment variable ``env`` or the file ``file`` (exactly one)."""
+    if bool(env) == bool(file):
+        raise ConfigError(f"{name}: set exactly one of {kind}_env and {kind}_file")
+    if env:
+        secret = (os.environ if environ is None else environ).get(env, "")
         if not secret:
-            raise ConfigError(f"{name}.secret_env: ${hook.secret_env} is not set")
+            raise ConfigError(f"{name}.{kind}_env: ${env} is not set")
         return secret
     try:
-        secret = Path(hook.secret_file).read_text("utf-8").strip()
+        secret = Path(file).read_text("utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{name}.secret_file: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(f"{name}.{kind}_file: cannot read: {exc.strerror or exc}") from None
     if not secret:
-        raise ConfigError(f"{name}.secret_file: the file is empty")
+        raise ConfigError(f"{name}.{kind}_file: the file is empty")
     return secret
+
+
+def _require_public(name: str, host: str, url: str) -> None:
+    """No open proxy into the local network: IP literals, localhost and file:// URLs need
+    ``allow_private = true``."""
+    parts = urlsplit(url.replace("{repo}", "x"))
+    if parts.scheme == "file":
+        raise ConfigError(f"{name}.url: file:// URLs need allow_private = true")
+    for candidate in (host.rsplit(":", 1)[0] if host.count(":") == 1 else host, parts.hostname):
+        if not candidate:
+            continue
+        try:
+            ipaddress.ip_address(candidate.strip("[]"))
+        except ValueError:
+            if candidate == "localhost" or candidate.endswith(".localhost"):
+                raise ConfigError(
+                    f"{name}: {candidate!r} is local; set allow_private = true to allow it"
+                ) from None
+            continue
+        raise ConfigError(
+            f"{name}: {candidate!r} is an IP literal; set allow_private = true to allow it"
+        )
 
 
 def dump_config(config: Config) -> str:
@@ -420,7 +501,7 @@ def dump_config(config: Config) -> str:
         lines.append(f"[{header}]")
         for f in dataclasses.fields(obj):  # type: ignore[arg-type]
             value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value) or f.name in ("host", "secret"):
+            if dataclasses.is_dataclass(value) or f.name in ("host", "secret", "token"):
                 continue
             lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
@@ -432,6 +513,7 @@ def dump_config(config: Config) -> str:
     emit("cache.disk", config.cache.disk)
     emit("log", config.log)
     emit("refresh", config.refresh)
+    emit("auth", config.auth)
     for host, upstream in config.upstreams.items():
         emit(f'upstreams."{host}"', upstream)
     for kind, hook in config.hooks.items():

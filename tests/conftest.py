@@ -30,7 +30,9 @@ HOST = "example.test"
 def make_config(state_dir: Path, upstream: Upstream, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"state_dir": str(state_dir)},
-        "upstreams": {HOST: {"url": f"http://127.0.0.1:{upstream.port}/{{repo}}.git"}},
+        "upstreams": {
+            HOST: {"url": f"http://127.0.0.1:{upstream.port}/{{repo}}.git", "allow_private": True}
+        },
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
