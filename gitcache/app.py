@@ -11,6 +11,8 @@ from aiohttp import web
 from gitcache import keys
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
+from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
@@ -18,6 +20,7 @@ from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 from gitcache.web.errors import error_middleware
 from gitcache.web.hooks import admin_refresh, hook
+from gitcache.web.observe import observe_middleware
 from gitcache.web.snapshot import snapshot
 
 # [\s\S]: a newline in the path must reach the validator (and get its 400), not fall
@@ -29,14 +32,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 def create_app(
     config: Config, *, clock: Callable[[], float] = time.time, background: bool = True
 ) -> web.Application:
     """Build the application. Nothing starts until it runs: resources are opened by the
     cleanup contexts, in order, and closed in reverse. ``background=False`` leaves the
     refresh loop off (tests drive it by hand with an injected ``clock``)."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware])
     app[keys.CONFIG] = config
+    app[keys.METRICS] = Metrics()
     app[keys.CLOCK] = clock
     state = config.server.state_dir
 
@@ -48,25 +57,31 @@ def create_app(
         await app[keys.TASKS].close()
 
     async def disk_cache(app: web.Application) -> AsyncIterator[None]:
-        cache = DiskCache(state / "cache", config.cache.disk.max_size)
+        cache = DiskCache(state / "cache", config.cache.disk.max_size, app[keys.METRICS])
         await cache.start()
         app[keys.CACHE] = cache
         yield
         await cache.close()
 
     async def snapshots(app: web.Application) -> AsyncIterator[None]:
-        app[keys.MIRRORS] = MirrorStore(config, app[keys.TASKS], clock)
+        app[keys.MIRRORS] = MirrorStore(config, app[keys.TASKS], app[keys.METRICS], clock)
         service = SnapshotService(
-            config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], clock
+            config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
         )
         service.clean_leftovers()
         app[keys.SNAPSHOTS] = service
         yield
 
     async def refresher(app: web.Application) -> AsyncIterator[None]:
-        upkeep = Upkeep(config, app[keys.MIRRORS])
+        upkeep = Upkeep(config, app[keys.MIRRORS], app[keys.METRICS])
         refresh = Refresher(
-            config, app[keys.MIRRORS], app[keys.SNAPSHOTS], upkeep, app[keys.TASKS], clock
+            config,
+            app[keys.MIRRORS],
+            app[keys.SNAPSHOTS],
+            upkeep,
+            app[keys.TASKS],
+            app[keys.METRICS],
+            clock,
         )
         refresh.load()
         app[keys.REFRESHER] = refresh
@@ -79,6 +94,7 @@ def create_app(
 
     app.cleanup_ctx.extend([task_set, disk_cache, snapshots, refresher])
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get(SNAPSHOT_ROUTE, snapshot)
     app.router.add_post("/hooks/{kind}", hook)
     app.router.add_post(r"/admin/repos/{host}/{repo:[\s\S]+}/refresh", admin_refresh)

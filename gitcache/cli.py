@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         port=config.server.port,
         shutdown_timeout=config.server.shutdown_timeout,
         print=None,
+        access_log=None,  # one line per request comes from the observe middleware
     )
     return 0
 

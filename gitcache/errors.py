@@ -10,6 +10,7 @@ boundary where they happen (``raise … from exc``), never in the handlers.
     ├── NotFound (404)            host not configured, repository or ref unknown upstream
     ├── PreconditionFailed (412)
     ├── RangeNotSatisfiable (416)
+    ├── Overloaded (503)          too many generations, or readers of one
     ├── UpstreamError (502)       the upstream failed
     │   └── UpstreamTimeout (504) the upstream did not answer in time
     ├── GitError (500)            a local git command failed
@@ -65,6 +66,14 @@ class RangeNotSatisfiable(GitcacheError):
     def __init__(self, size: int) -> None:
         super().__init__("the requested range is not satisfiable")
         self.size = size
+
+
+class Overloaded(GitcacheError):
+    """Past a load-shedding limit: a fast 503 with ``Retry-After`` beats a slow collapse."""
+
+    status = 503
+    code = "overloaded"
+    retry_after = 5
 
 
 class UpstreamError(GitcacheError):

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
+from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.refresh import Refresher
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 
 CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskSet)
 MIRRORS = web.AppKey("mirrors", MirrorStore)
 CACHE = web.AppKey("cache", DiskCache)
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
 REFRESHER = web.AppKey("refresher", Refresher)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+
+# Per request: what the handler learned (source, commit, bytes) for the log line and
+# metrics, and when the snapshot handler started (for the time to first byte).
+REQUEST_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("info")
+REQUEST_STARTED = web.RequestKey("started", float)

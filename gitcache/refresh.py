@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from gitcache.config import Config
 from gitcache.errors import GitcacheError
+from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.repo import RepoRef, parse_ref, parse_repo
@@ -58,10 +59,12 @@ class Refresher:
         snapshots: SnapshotService,
         upkeep: Upkeep,
         tasks: TaskSet,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._cfg = config.refresh
         self._mirrors = mirrors
         self._snapshots = snapshots
@@ -130,8 +133,11 @@ class Refresher:
             for repo, state in self.repos.items()
             if state.next_run <= now and self._active(repo, state, now)
         ]
+        self._metrics.refresh_queue.set(len(due))
         await asyncio.gather(*(self.refresh(repo) for repo in due))
+        self._metrics.refresh_queue.set(0)
         await self._sweep(now)
+        await self._pinned_ages(now)
         await run_blocking(self.save)
 
     async def refresh(self, repo: RepoRef) -> None:
@@ -160,9 +166,12 @@ class Refresher:
                 log.warning(
                     "refresh of %s failed (%d in a row): %s", repo.name, state.failures, exc.message
                 )
+                self._metrics.refresh_jobs.labels("error").inc()
             else:
                 state.failures = 0
                 state.last_result = f"ok: {generated} new snapshots"
+                self._metrics.refresh_jobs.labels("ok").inc()
+                self._metrics.refresh_last_success.set(self._clock())
                 state.next_run = started + self._interval()
             state.last_run = started
 
@@ -177,6 +186,13 @@ class Refresher:
                 if (mirror.path / "HEAD").exists():
                     await self._upkeep.maintain(mirror)
                 state.last_maintenance = now
+
+    async def _pinned_ages(self, now: float) -> None:
+        """Per-repository labels only for pinned repositories: bounded cardinality."""
+        for repo in self.pinned:
+            entry = await self._snapshots.newest(repo, "HEAD")
+            if entry is not None:
+                self._metrics.pinned_snapshot_age.labels(repo.name).set(now - entry.fetched_at)
 
     async def run(self) -> None:
         """The background loop: a look every second at what is due."""

@@ -70,7 +70,8 @@ async def test_lru_eviction_within_budget(make_client: Any, rich: str) -> None:
     assert await get("feature") == "hit"  # a use: main is now the least recent
     assert await get("v1.0") == "miss"  # over budget: main goes
     await asyncio.sleep(0)
-    assert cache.evictions == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'gitcache_cache_evictions_total{tier="disk"} 1.0' in metrics
     assert cache.size <= int(size * 2.5)
     assert await get("feature") == "hit"
     assert await get("v1.0") == "hit"

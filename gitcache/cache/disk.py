@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from gitcache.cache.base import Entry
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
+from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+TIER = "disk"
+
+
 class DiskCache:
-    def __init__(self, root: Path, max_size: int) -> None:
+    def __init__(self, root: Path, max_size: int, metrics: Metrics) -> None:
         self.root = root
         self.max_size = max_size
+        self._metrics = metrics
+        metrics.cache_bytes.labels(TIER).set_function(lambda: self.size)
+        metrics.cache_entries.labels(TIER).set_function(lambda: self.entries)
+        metrics.cache_max_bytes.labels(TIER).set(max_size)
         self._manifests: dict[RepoRef, Manifest] = {}
         self._lru: collections.OrderedDict[tuple[RepoRef, str], int] = collections.OrderedDict()
         self._locks: collections.defaultdict[RepoRef, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
-        self.evictions = 0
 
     @property
     def size(self) -> int:
@@ -196,7 +203,7 @@ class DiskCache:
             (repo, key), _ = next(iter(self._lru.items()))
             log.info("disk cache: evicting %s %s", repo.name, key)
             await self.delete(repo, key)
-            self.evictions += 1
+            self._metrics.cache_evictions.labels(TIER).inc()
 
     async def close(self) -> None:
         return None

@@ -9,19 +9,22 @@ are mirrored: ``refs/pull/*`` and the like would bloat every snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gitcache.config import Config
 from gitcache.errors import GitError, GitTimeout, NotFound, UpstreamError, UpstreamTimeout
+from gitcache.metrics import Metrics
+from gitcache.mirror.credentials import credential_env
 from gitcache.mirror.lock import RWLock
 from gitcache.mirror.refs import RefState, read_ref_state
-from gitcache.mirror.runner import run_git
+from gitcache.mirror.runner import git_env, run_git
 from gitcache.repo import RepoRef
 from gitcache.tasks import Coalescer, TaskSet
 
@@ -67,6 +70,7 @@ class Mirror:
     repo: RepoRef
     path: Path
     url: str
+    env: dict[str, str] = field(repr=False)  # for git calls that reach the upstream
     lock: RWLock = field(default_factory=RWLock)
     refs: RefState | None = None
     fetched_at: float = 0.0
@@ -84,8 +88,15 @@ def upstream_failure(repo: RepoRef, exc: GitError) -> Exception:
 
 
 class MirrorStore:
-    def __init__(self, config: Config, tasks: TaskSet, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        tasks: TaskSet,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
+        self._metrics = metrics
         self.root = config.server.state_dir / "mirrors"
         self.tmp = config.server.state_dir / "tmp"
         self._clock = clock
@@ -100,8 +111,10 @@ class MirrorStore:
         mirror = self._mirrors.get(repo)
         if mirror is None:
             path = self.root / repo.host / f"{repo.slug}.git"
-            url = self._config.upstreams[repo.host].url_for(repo.path)
-            mirror = self._mirrors[repo] = Mirror(repo, path, url)
+            upstream = self._config.upstreams[repo.host]
+            url = upstream.url_for(repo.path)
+            extra = credential_env(url, upstream.username, upstream.token) if upstream.token else {}
+            mirror = self._mirrors[repo] = Mirror(repo, path, url, git_env(extra))
             stamp = path / FETCH_STAMP
             if stamp.exists():
                 mirror.fetched_at = stamp.stat().st_mtime
@@ -114,13 +127,19 @@ class MirrorStore:
         window = self._config.mirrors.fetch_interval if max_age is None else max_age
         if mirror.refs is not None and self._clock() - mirror.fetched_at < window:
             return mirror
-        return await self._updates.run(repo, lambda: self._update(mirror, window))
+        waited = time.monotonic()
+        try:
+            return await self._updates.run(repo, lambda: self._update(mirror, window))
+        finally:
+            self._metrics.upstream_wait.observe(time.monotonic() - waited)
 
     async def _update(self, mirror: Mirror, window: float) -> Mirror:
         if not (mirror.path / "HEAD").exists():
-            await self._clone(mirror)
+            async with self._operation("clone", mirror):
+                await self._clone(mirror)
         elif self._clock() - mirror.fetched_at >= window:
-            await self._fetch(mirror)
+            async with self._operation("fetch", mirror):
+                await self._fetch(mirror)
         else:  # fresh on disk, first use since start-up
             mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
         return mirror
@@ -137,10 +156,30 @@ class MirrorStore:
         mirror.refs, mirror.fetched_at = refs, self._clock()
         log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
 
+    @contextlib.asynccontextmanager
+    async def _operation(self, operation: str, mirror: Mirror) -> AsyncIterator[None]:
+        """Count and time a mirror operation, and what it brought from the upstream."""
+        before = await asyncio.to_thread(objects_size, mirror.path)
+        started = time.monotonic()
+        result = "error"
+        try:
+            yield
+            result = "ok"
+        finally:
+            self._metrics.mirror_operations.labels(operation, result).inc()
+            self._metrics.mirror_duration.labels(operation).observe(time.monotonic() - started)
+            grown = await asyncio.to_thread(objects_size, mirror.path) - before
+            if grown > 0:
+                self._metrics.upstream_bytes.inc(grown)
+
     async def rebuild(self, mirror: Mirror) -> None:
         """Re-clone a damaged mirror beside it and swap it in; until the swap, requests
         keep being served from the cache and the old mirror."""
         log.warning("rebuilding the mirror of %s", mirror.repo.name)
+        async with self._operation("rebuild", mirror):
+            await self._rebuild(mirror)
+
+    async def _rebuild(self, mirror: Mirror) -> None:
         tmp, refs = await self._clone_into_tmp(mirror)
         trash = self.tmp / f"trash-{uuid.uuid4().hex}"
         try:
@@ -177,6 +216,7 @@ class MirrorStore:
                 await run_git(
                     ["clone", "--bare", "--quiet", *config_args, "--", mirror.url, str(tmp)],
                     timeout=cfg.clone_timeout,
+                    env=mirror.env,
                 )
             except GitError as exc:
                 raise upstream_failure(mirror.repo, exc) from exc
@@ -203,6 +243,7 @@ class MirrorStore:
             listing = await run_git(
                 ["-C", git_dir, "ls-remote", "--symref", "origin", *LS_REMOTE_PATTERNS],
                 timeout=cfg.git_timeout,
+                env=mirror.env,
             )
             head, advertised = parse_ls_remote(listing)
             if mirror.refs is None or (head, advertised) != (mirror.refs.head, mirror.refs.refs):
@@ -210,6 +251,7 @@ class MirrorStore:
                     await run_git(
                         ["-C", git_dir, "fetch", "--prune", "--quiet", "origin"],
                         timeout=cfg.fetch_timeout,
+                        env=mirror.env,
                     )
                     if head is not None:  # fetch does not follow a new default branch
                         await run_git(
@@ -240,6 +282,16 @@ class MirrorStore:
             ["-C", str(git_dir), "pack-refs", "--all", "--prune"],
             timeout=self._config.mirrors.git_timeout,
         )
+
+
+def objects_size(git_dir: Path) -> int:
+    """Bytes in a mirror's object store (0 if there is none)."""
+    total = 0
+    for path in (git_dir / "objects").rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def _corrupt(exc: GitError) -> bool:

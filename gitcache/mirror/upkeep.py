@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gitcache.config import Config
 from gitcache.errors import GitError
+from gitcache.metrics import Metrics
 from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import Mirror, MirrorStore
 
@@ -40,10 +41,10 @@ def remove_stale_locks(git_dir: Path) -> list[Path]:
 
 
 class Upkeep:
-    def __init__(self, config: Config, mirrors: MirrorStore) -> None:
+    def __init__(self, config: Config, mirrors: MirrorStore, metrics: Metrics) -> None:
         self._config = config
         self._mirrors = mirrors
-        self.maintenance_runs = 0
+        self._metrics = metrics
 
     async def maintain(self, mirror: Mirror) -> None:
         git_dir = str(mirror.path)
@@ -79,11 +80,15 @@ class Upkeep:
                     ],
                     timeout=timeout,
                 )
+            self._metrics.mirror_operations.labels("repack", "ok").inc()
         except GitError as exc:
+            self._metrics.mirror_operations.labels("repack", "error").inc()
             log.warning("maintenance of %s failed: %s", mirror.repo.name, exc.message)
-        if not await self.healthy(mirror):
+        self._metrics.mirror_duration.labels("repack").observe(time.monotonic() - started)
+        healthy = await self.healthy(mirror)
+        self._metrics.mirror_operations.labels("fsck", "ok" if healthy else "error").inc()
+        if not healthy:
             await self._mirrors.rebuild(mirror)
-        self.maintenance_runs += 1
         log.info("maintained %s in %.2fs", mirror.repo.name, time.monotonic() - started)
 
     async def healthy(self, mirror: Mirror) -> bool:

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from gitcache.errors import GitError, NotFound
+from gitcache.errors import GitError
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import git_env, run_git, stream_git
 from gitcache.mirror.store import Mirror
@@ -99,14 +99,6 @@ async def build_tar(
     assert mirror.refs is not None
     refs, commit = mirror.refs, checkout.commit
     git_dir = str(mirror.path)
-    try:
-        await run_git(
-            ["--git-dir", git_dir, "cat-file", "-e", f"{commit}^{{commit}}"], timeout=git_timeout
-        )
-    except GitError:
-        raise NotFound(
-            f"commit {commit} not found in {mirror.repo.name}", code="ref_not_found"
-        ) from None
     async with mirror.lock.read():
         pinned = await asyncio.to_thread(pin_objects, mirror.path, work)
         objformat = await asyncio.to_thread(gitdir.object_format, mirror.path)
@@ -115,7 +107,7 @@ async def build_tar(
     index = work / "index"
     read_tree = asyncio.ensure_future(
         run_git(
-            ["--git-dir", git_dir, "read-tree", commit],
+            ["--git-dir", git_dir, "read-tree", "--end-of-options", commit],
             timeout=git_timeout,
             env={**hermetic, "GIT_INDEX_FILE": str(index)},
         )
@@ -160,7 +152,16 @@ async def build_tar(
                 async for chunk in it:
                     yield chunk
 
-        archive = ["--git-dir", git_dir, "-c", "tar.umask=022", "archive", "--format=tar", commit]
+        archive = [
+            "--git-dir",
+            git_dir,
+            "-c",
+            "tar.umask=022",
+            "archive",
+            "--format=tar",
+            "--end-of-options",
+            commit,
+        ]
         async with stream_git(archive, env=hermetic) as proc:
             try:
                 yield await skip_global_header(proc.stdout)

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import zstandard
@@ -92,7 +92,7 @@ class Generation:
         self.size = 0
         self.done = False
         self.error: BaseException | None = None
-        self.followers = 0
+        self.readers = 0  # clients reading the spool now
         self._changed = asyncio.Event()
         self._fd: int | None = None
 
@@ -112,6 +112,10 @@ class Generation:
         while not self.done and self.error is None:
             await self._changed.wait()
 
+    async def changed(self) -> None:
+        """Until the next write, the end, or a failure."""
+        await self._changed.wait()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -128,32 +132,54 @@ class Generation:
         self.error = error
         self._notify()
 
-    def reader(self) -> AsyncGenerator[bytes, None]:
-        """A new reader from the first byte. Synchronous up to the ``dup`` so that a
-        reader joined in the same step as a lookup can never miss the spool."""
+    def reader(self) -> SpoolReader:
+        """A new reader from the first byte (see :class:`SpoolReader`)."""
         if self._fd is None:
             raise GenerationFailed("the generation is not accepting readers")
-        return self._read(os.dup(self._fd))
+        return SpoolReader(self, self._fd)
 
-    async def _read(self, fd: int) -> AsyncGenerator[bytes, None]:
-        offset = 0
-        try:
-            while True:
-                if offset < self.size:
-                    want = min(READ_CHUNK, self.size - offset)
-                    chunk = await asyncio.to_thread(os.pread, fd, want, offset)
-                    offset += len(chunk)
-                    yield chunk
-                elif self.error is not None:
-                    if isinstance(self.error, GitcacheError):
-                        raise GenerationFailed(f"snapshot generation failed: {self.error.message}")
-                    raise GenerationFailed("snapshot generation failed")
-                elif self.done:
-                    return
-                else:
-                    await self._changed.wait()
-        finally:
-            os.close(fd)
+
+class SpoolReader:
+    """One client's view of a generation: the spool's bytes as they are written, then the
+    end of the stream once the generation is verified, or an error if it failed.
+
+    The spool's descriptor is duplicated at once, in the step that found the generation,
+    so the reader can never miss the spool however the generation ends; ``aclose`` gives
+    it back whether or not the reader was ever iterated."""
+
+    def __init__(self, generation: Generation, fd: int) -> None:
+        self._generation = generation
+        self._fd = os.dup(fd)
+        self._offset = 0
+        generation.readers += 1
+
+    def __aiter__(self) -> SpoolReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        generation = self._generation
+        while True:
+            if self._fd < 0:
+                raise StopAsyncIteration
+            if self._offset < generation.size:
+                want = min(READ_CHUNK, generation.size - self._offset)
+                # run_blocking: on cancel, the thread is done with the fd before aclose.
+                chunk = await run_blocking(os.pread, self._fd, want, self._offset)
+                self._offset += len(chunk)
+                return chunk
+            if generation.error is not None:
+                error = generation.error
+                detail = f": {error.message}" if isinstance(error, GitcacheError) else ""
+                raise GenerationFailed(f"snapshot generation failed{detail}")
+            if generation.done:
+                raise StopAsyncIteration
+            await generation.changed()
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._generation.readers -= 1
 
 
 async def write_spool(

@@ -18,18 +18,25 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gitcache.cache.base import Cache, Entry, Reader
 from gitcache.config import Config
-from gitcache.errors import GitcacheError, GitError, NotFound, UpstreamError
+from gitcache.errors import GitcacheError, GitError, NotFound, Overloaded, UpstreamError
+from gitcache.metrics import Metrics
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import Mirror, MirrorStore
 from gitcache.repo import RefSpec, RepoRef
 from gitcache.snapshot.assemble import build_tar
-from gitcache.snapshot.generation import Generation, SpoolWriter, remove_spool, write_spool
+from gitcache.snapshot.generation import (
+    Generation,
+    SpoolReader,
+    SpoolWriter,
+    remove_spool,
+    write_spool,
+)
 from gitcache.tasks import TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,7 @@ class Stream:
 
     commit: str
     source: str
-    body: AsyncGenerator[bytes, None] | None
+    body: SpoolReader | None
     fetched_at: float
 
 
@@ -83,9 +90,15 @@ class SnapshotService:
         mirrors: MirrorStore,
         cache: Cache,
         tasks: TaskSet,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._metrics = metrics
+        metrics.generations_in_flight.set_function(lambda: len(self._generations))
+        metrics.generation_readers.set_function(
+            lambda: sum(g.readers for g in self._generations.values())
+        )
         self._mirrors = mirrors
         self._cache = cache
         self._tasks = tasks
@@ -127,19 +140,17 @@ class SnapshotService:
             if stale is None:
                 raise
             return stale
-        return await self._find_or_start(repo, spec, resolved, start)
+        return await self._find_or_start(repo, spec, resolved, start=start, read=start)
 
     async def prepare(self, repo: RepoRef, spec: RefSpec) -> bool:
         """Make sure the snapshot for the mirror's current refs exists, generating it if
         needed and waiting for it: what a refresh job does so the next request is a hit.
         Returns whether a new snapshot was generated."""
         resolved = await self._resolve(repo, spec, self._fetch_interval)
-        result = await self._find_or_start(repo, spec, resolved, start=True)
+        result = await self._find_or_start(repo, spec, resolved, start=True, read=False)
         if isinstance(result, Hit):
             await result.reader.close()
             return False
-        assert result.body is not None
-        await result.body.aclose()  # nobody reads it here: the generation goes on alone
         generation = self._generations.get((repo, resolved.key))
         if generation is not None:
             await generation.wait()
@@ -158,10 +169,11 @@ class SnapshotService:
         return Resolved(mirror, checkout, snapshot_key(spec.label, checkout, mirror.refs.digest))
 
     async def _find_or_start(
-        self, repo: RepoRef, spec: RefSpec, resolved: Resolved, start: bool
+        self, repo: RepoRef, spec: RefSpec, resolved: Resolved, *, start: bool, read: bool
     ) -> Hit | Stream:
+        """``start``: start a generation on a miss; ``read``: join it as a reader."""
         mirror, checkout, key = resolved.mirror, resolved.checkout, resolved.key
-        stream = self._follow(repo, key, start, mirror.fetched_at)
+        stream = self._follow(repo, key, read, mirror.fetched_at)
         if stream is not None:
             return stream
         entry = await self._cache.get(repo, key)
@@ -173,13 +185,14 @@ class SnapshotService:
             if hit is not None:
                 return hit
         # Looked up again: a generation may have started while the cache was read.
-        stream = self._follow(repo, key, start, mirror.fetched_at)
+        stream = self._follow(repo, key, read, mirror.fetched_at)
         if stream is not None:
             return stream
         if not start:
             return Stream(checkout.commit, "miss", None, mirror.fetched_at)
         generation = self._start(repo, mirror, spec, checkout, key)
-        return Stream(checkout.commit, "miss", generation.reader(), mirror.fetched_at)
+        body = generation.reader() if read else None
+        return Stream(checkout.commit, "miss", body, mirror.fetched_at)
 
     async def _stale(self, repo: RepoRef, entry: Entry | None) -> Hit | None:
         limit = self._config.refresh.stale_if_error
@@ -196,23 +209,45 @@ class SnapshotService:
     def _fetch_interval(self) -> float:
         return self._config.mirrors.fetch_interval
 
+    async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
+        return await self._cache.newest(repo, ref)
+
     async def _open(self, repo: RepoRef, entry: Entry) -> Hit | None:
         reader = await self._cache.open(repo, entry)
         return Hit(reader) if reader is not None else None
 
-    def _follow(self, repo: RepoRef, key: str, start: bool, fetched_at: float) -> Stream | None:
+    async def _disk_has_room(self) -> bool:
+        """The free-space watchdog: below ``cache.disk.min_free`` the disk tier is not
+        filled (streams still serve), and a metric says so."""
+        usage = await asyncio.to_thread(shutil.disk_usage, self._config.server.state_dir)
+        low = usage.free < self._config.cache.disk.min_free
+        self._metrics.disk_low_space.set(1 if low else 0)
+        if low:
+            log.warning("free space below cache.disk.min_free: not caching this snapshot")
+        return not low
+
+    def _follow(self, repo: RepoRef, key: str, read: bool, fetched_at: float) -> Stream | None:
         generation = self._generations.get((repo, key))
         if generation is None:
             return None
-        if not start:
+        if not read:
             return Stream(generation.commit, "follower", None, fetched_at)
-        generation.followers += 1
+        if generation.readers >= self._config.server.max_clients_per_generation:
+            self._metrics.overloaded.labels("max_clients_per_generation").inc()
+            raise Overloaded("too many clients are reading this snapshot already")
         return Stream(generation.commit, "follower", generation.reader(), fetched_at)
 
     async def _has_commit(self, mirror: Mirror, sha: str) -> bool:
         try:
             await run_git(
-                ["--git-dir", str(mirror.path), "cat-file", "-e", f"{sha}^{{commit}}"],
+                [
+                    "--git-dir",
+                    str(mirror.path),
+                    "cat-file",
+                    "-e",
+                    "--end-of-options",
+                    f"{sha}^{{commit}}",
+                ],
                 timeout=self._config.mirrors.git_timeout,
             )
         except GitError:
@@ -222,6 +257,9 @@ class SnapshotService:
     def _start(
         self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
     ) -> Generation:
+        if self.running >= self._config.server.max_generations:
+            self._metrics.overloaded.labels("max_generations").inc()
+            raise Overloaded("too many snapshots are being generated")
         spool = self._spool_dir / f"{repo.slug}.{key}.{uuid.uuid4().hex[:8]}.partial"
         generation = Generation(key, checkout.commit, spool)
         cfg = self._config.snapshot
@@ -267,13 +305,17 @@ class SnapshotService:
                 fetched_at=fetched_at,
             )
             try:
-                await self._cache.commit(repo, generation.spool, entry)
-                await self._cache.prune(repo, entry.ref, self._config.cache.keep)
+                if await self._disk_has_room():
+                    await self._cache.commit(repo, generation.spool, entry)
+                    await self._cache.prune(repo, entry.ref, self._config.cache.keep)
             except Exception:
                 # Clients still get their verified bytes; only the cache misses out.
                 log.exception("could not commit %s %s to the cache", repo.name, generation.key)
             # Readers see the end only now, so whoever has a whole snapshot finds it cached.
             generation.finish()
+            self._metrics.generations.labels("ok").inc()
+            self._metrics.generation_bytes.inc(size)
+            self._metrics.generation_duration.observe(time.monotonic() - started)
             log.info(
                 "generated %s %s: %d bytes in %.2fs",
                 repo.name,
@@ -283,6 +325,7 @@ class SnapshotService:
             )
         except BaseException as exc:
             generation.fail(exc)
+            self._metrics.generations.labels("failed").inc()
             # A traceback only for the unexpected: known failures explain themselves.
             log.error(
                 "generation of %s %s failed: %s",

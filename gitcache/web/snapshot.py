@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from email.utils import formatdate
 
 from aiohttp import web
@@ -57,6 +58,7 @@ def parse_max_age(request: web.Request) -> float | None:
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
+    request[keys.REQUEST_STARTED] = time.monotonic()
     config = request.app[keys.CONFIG]
     repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
     spec = parse_ref(request.query.get("ref"))
@@ -73,9 +75,17 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     else:
         cache_control = f"max-age={max(0, int(config.mirrors.fetch_interval) - age)}"
     extra = {"X-Gitcache-Age": str(age), "Cache-Control": cache_control}
-    if isinstance(result, Hit):
-        return await _send_hit(request, repo, result, extra)
-    return await _send_stream(request, repo, result, extra)
+    info = request[keys.REQUEST_INFO]
+    info.update(source=result.source, commit=result.commit)
+    metrics = request.app[keys.METRICS]
+    tier = "disk" if isinstance(result, Hit) else "spool"
+    metrics.snapshot_responses.labels(result.source, tier).inc()
+    try:
+        if isinstance(result, Hit):
+            return await _send_hit(request, repo, result, extra)
+        return await _send_stream(request, repo, result, extra)
+    finally:
+        metrics.bytes_served.labels(result.source).inc(info.get("bytes", 0))
 
 
 async def _send_hit(
@@ -112,14 +122,21 @@ async def _send_hit(
         if request.method == "HEAD" or plan.length == 0:
             await response.write_eof()
             return response
+        _first_byte(request, hit.source)
         try:
             await _send_range(request, response, hit, plan.start, plan.length)
         except OSError as exc:
             raise StreamAborted(str(exc)) from exc
+        request[keys.REQUEST_INFO]["bytes"] = plan.length
         await response.write_eof()
         return response
     finally:
         await reader.close()
+
+
+def _first_byte(request: web.Request, source: str) -> None:
+    elapsed = time.monotonic() - request[keys.REQUEST_STARTED]
+    request.app[keys.METRICS].ttfb.labels(source).observe(elapsed)
 
 
 async def _send_range(
@@ -152,10 +169,14 @@ async def _send_stream(
         response = web.StreamResponse(headers=headers)
         response.enable_chunked_encoding()
         await response.prepare(request)
+        info = request[keys.REQUEST_INFO]
+        info["bytes"] = len(first)
+        _first_byte(request, stream.source)
         try:
             await response.write(first)
             async for chunk in body:
                 await response.write(chunk)
+                info["bytes"] += len(chunk)
         except GitcacheError as exc:
             raise StreamAborted(exc.message) from exc
         await response.write_eof()

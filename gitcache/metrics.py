@@ -1,0 +1,141 @@
+"""Every Prometheus metric gitcache exports, in one place.
+
+One :class:`Metrics` per application, on its own registry, so that tests (and anything
+else that builds several apps in one process) never collide. Names are ``gitcache_*`` in
+base units; labels take a handful of fixed values each, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Seconds: from a sendfile hit on loopback to a clone of a large repository.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gitcache_http_requests_total",
+            "HTTP requests by route and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gitcache_http_request_duration_seconds",
+            "HTTP request duration by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_responses = Counter(
+            "gitcache_snapshot_responses_total",
+            "Snapshot responses by source and tier.",
+            ["source", "tier"],
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "gitcache_snapshot_bytes_served_total",
+            "Snapshot bytes sent to clients.",
+            ["source"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "gitcache_snapshot_first_byte_seconds",
+            "Time from request to first body byte.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generations = Counter(
+            "gitcache_generations_total",
+            "Snapshot generations by result.",
+            ["result"],
+            registry=r,
+        )
+        self.generation_duration = Histogram(
+            "gitcache_generation_duration_seconds",
+            "Duration of snapshot generations.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_bytes = Counter(
+            "gitcache_generation_bytes_total",
+            "Compressed bytes written by generations.",
+            registry=r,
+        )
+        self.generations_in_flight = Gauge(
+            "gitcache_generations_in_flight", "Generations running now.", registry=r
+        )
+        self.generation_readers = Gauge(
+            "gitcache_generation_readers",
+            "Clients reading a running generation now.",
+            registry=r,
+        )
+        self.mirror_operations = Counter(
+            "gitcache_mirror_operations_total",
+            "Mirror operations by kind and result.",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.mirror_duration = Histogram(
+            "gitcache_mirror_operation_duration_seconds",
+            "Duration of mirror operations.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_wait = Histogram(
+            "gitcache_upstream_wait_seconds",
+            "Time requests spent waiting on the upstream (clone, fetch, ls-remote).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "gitcache_upstream_fetched_bytes_total",
+            "Growth of mirrors on disk from clones and fetches: what upstreams sent.",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "gitcache_cache_bytes", "Bytes held by a cache tier.", ["tier"], registry=r
+        )
+        self.cache_max_bytes = Gauge(
+            "gitcache_cache_max_bytes", "Size budget of a cache tier.", ["tier"], registry=r
+        )
+        self.cache_entries = Gauge(
+            "gitcache_cache_entries", "Snapshots held by a cache tier.", ["tier"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "gitcache_cache_evictions_total", "Entries evicted for space.", ["tier"], registry=r
+        )
+        self.disk_low_space = Gauge(
+            "gitcache_disk_low_space",
+            "1 while free space is below cache.disk.min_free: the disk tier is not filled.",
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "gitcache_overloaded_total", "Requests shed with 503.", ["limit"], registry=r
+        )
+        self.refresh_jobs = Counter(
+            "gitcache_refresh_jobs_total", "Refresh jobs by result.", ["result"], registry=r
+        )
+        self.refresh_queue = Gauge(
+            "gitcache_refresh_queue_depth", "Refresh jobs due and not yet finished.", registry=r
+        )
+        self.refresh_last_success = Gauge(
+            "gitcache_refresh_last_success_timestamp_seconds",
+            "When a refresh job last succeeded.",
+            registry=r,
+        )
+        self.pinned_snapshot_age = Gauge(
+            "gitcache_pinned_snapshot_age_seconds",
+            "Age of the upstream fetch behind each pinned repository's newest snapshot.",
+            ["repo"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,53 @@
+"""The outermost middleware: one log line and the request metrics for every request.
+
+Handlers add what they know (snapshot source, commit, bytes sent) to
+``request[keys.REQUEST_INFO]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gitcache import keys
+
+log = logging.getLogger("gitcache.access")
+
+
+def route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    info: dict[str, Any] = {}
+    request[keys.REQUEST_INFO] = info
+    status = "aborted"  # unless a response comes back: the stream was cut
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    finally:
+        elapsed = time.monotonic() - started
+        metrics = request.app[keys.METRICS]
+        route = route_of(request)
+        metrics.requests.labels(route, request.method, status).inc()
+        metrics.request_duration.labels(route).observe(elapsed)
+        # The path is logged without its query: no token or secret ever rides in it, but
+        # a client may put one there by mistake.
+        log.info(
+            "%s %s %s source=%s bytes=%s duration=%.3f commit=%s",
+            request.method,
+            request.path,
+            status,
+            info.get("source", "-"),
+            info.get("bytes", 0),
+            elapsed,
+            info.get("commit", "-"),
+        )
