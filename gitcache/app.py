@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from gitcache import keys
+from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -46,6 +48,9 @@ def create_app(
     app = web.Application(middlewares=[observe_middleware, error_middleware])
     app[keys.CONFIG] = config
     app[keys.METRICS] = Metrics()
+    tokens_file = config.auth.tokens_file
+    app[keys.TOKENS] = Tokens.load(Path(tokens_file)) if tokens_file else None
+    app[keys.PASSTHROUGH] = Passthrough(config, clock)
     app[keys.CLOCK] = clock
     state = config.server.state_dir
 

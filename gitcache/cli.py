@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gitcache.app import create_app
+from gitcache.auth import Tokens
 from gitcache.config import ConfigError, dump_config, load_config
 from gitcache.log import setup_logging
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if config.auth.tokens_file:  # validated here too, so check-config catches it
+            Tokens.load(Path(config.auth.tokens_file))
     except ConfigError as exc:
         print(f"gitcache: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -395,6 +395,7 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
             "cache",
             "log",
             "refresh",
+            "auth",
             "upstreams",
             "hooks",
         }:
@@ -442,6 +443,7 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
     return Config(
         refresh=refresh,
         hooks=hooks,
+        auth=_build(AuthConfig, "auth", data.get("auth", {})),
         server=_build(ServerConfig, "server", data.get("server", {})),
         mirrors=_build(MirrorsConfig, "mirrors", data.get("mirrors", {})),
         snapshot=_build(SnapshotConfig, "snapshot", data.get("snapshot", {})),

@@ -5,8 +5,8 @@ boundary where they happen (``raise … from exc``), never in the handlers.
 
     GitcacheError (500)
     ├── BadRequest (400)          malformed repository path, ref or payload
-    ├── Unauthorized (401)        a webhook without a valid signature or token
-    ├── Forbidden (403)           an admin route from elsewhere than loopback
+    ├── Unauthorized (401)        no valid token, signature or upstream credential
+    ├── Forbidden (403)           an admin route without the right to use it
     ├── NotFound (404)            host not configured, repository or ref unknown upstream
     ├── PreconditionFailed (412)
     ├── RangeNotSatisfiable (416)
@@ -40,8 +40,14 @@ class BadRequest(GitcacheError):
 
 
 class Unauthorized(GitcacheError):
+    """401; ``challenge`` goes into ``WWW-Authenticate``."""
+
     status = 401
     code = "unauthorized"
+
+    def __init__(self, message: str, *, challenge: str = 'Bearer realm="gitcache"') -> None:
+        super().__init__(message)
+        self.challenge = challenge
 
 
 class Forbidden(GitcacheError):

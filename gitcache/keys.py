@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
 from gitcache.metrics import Metrics
@@ -16,6 +17,8 @@ from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 
 CONFIG = web.AppKey("config", Config)
+TOKENS: web.AppKey[Tokens | None] = web.AppKey("tokens")
+PASSTHROUGH = web.AppKey("passthrough", Passthrough)
 METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskSet)
 MIRRORS = web.AppKey("mirrors", MirrorStore)

@@ -4,6 +4,7 @@ behind an aiohttp server on port 0, and helpers to build repositories to serve."
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Upstream:
     requests: list[tuple[str, str]] = field(default_factory=list)
     fail: bool = False  # answer every request with 500
     delay: float = 0.0  # seconds before answering
+    users: dict[str, str] | None = None  # when set, Basic auth with one of these is required
     port: int = 0
 
     def url(self, name: str) -> str:
@@ -42,6 +44,8 @@ class Upstream:
         await asyncio.sleep(self.delay)
         if self.fail:
             return web.Response(status=500, text="upstream is down")
+        if self.users is not None and not self._authorized(request):
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="test"'})
         env = {
             "PATH": os.environ["PATH"],
             "GIT_PROJECT_ROOT": str(self.root),
@@ -70,6 +74,13 @@ class Upstream:
             elif name:
                 headers[name] = value.strip()
         return web.Response(status=status, headers=headers, body=payload)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Basic":
+            return False
+        user, _, password = base64.b64decode(value).decode().partition(":")
+        return self.users is not None and self.users.get(user) == password
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)

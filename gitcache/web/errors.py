@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gitcache.errors import GitcacheError, Overloaded, RangeNotSatisfiable
+from gitcache.errors import GitcacheError, Overloaded, RangeNotSatisfiable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_error(exc.status, exc.message, exc.code)
         if isinstance(exc, RangeNotSatisfiable):
             response.headers["Content-Range"] = f"bytes */{exc.size}"
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = exc.challenge
         if isinstance(exc, Overloaded):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response

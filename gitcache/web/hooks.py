@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 from typing import Any
@@ -14,8 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from gitcache import keys
-from gitcache.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from gitcache.errors import BadRequest, NotFound, Unauthorized
 from gitcache.repo import RepoRef, parse_repo
+from gitcache.web.access import authorize_admin
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,8 @@ async def hook(request: web.Request) -> web.Response:
     return web.json_response({"status": "refreshing", "repo": repo.name}, status=202)
 
 
-def require_loopback(request: web.Request) -> None:
-    remote = request.remote or ""
-    try:
-        if ipaddress.ip_address(remote).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise Forbidden("admin routes answer only on loopback")
-
-
 async def admin_refresh(request: web.Request) -> web.Response:
-    require_loopback(request)
+    authorize_admin(request)
     repo = parse_repo(
         request.match_info["host"], request.match_info["repo"], request.app[keys.CONFIG].upstreams
     )

@@ -15,6 +15,7 @@ from gitcache.errors import BadRequest, GitcacheError
 from gitcache.repo import RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import Hit, Stream
 from gitcache.web import conditional
+from gitcache.web.access import authorize_read
 from gitcache.web.errors import StreamAborted
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
     spec = parse_ref(request.query.get("ref"))
     max_age = parse_max_age(request)
+    await authorize_read(request, repo)
     result = await request.app[keys.SNAPSHOTS].serve(
         repo, spec, start=request.method == "GET", max_age=max_age
     )
