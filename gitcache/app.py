@@ -13,6 +13,7 @@ from gitcache import keys
 from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
+from gitcache.health import Health
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
@@ -20,8 +21,9 @@ from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
+from gitcache.web import admin
 from gitcache.web.errors import error_middleware
-from gitcache.web.hooks import admin_refresh, hook
+from gitcache.web.hooks import hook
 from gitcache.web.observe import observe_middleware
 from gitcache.web.snapshot import snapshot
 
@@ -31,7 +33,15 @@ SNAPSHOT_ROUTE = r"/git/{host}/{repo:[\s\S]+}/snapshot.tar.zst"
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """The process is alive."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready for traffic: 503 until start-up is done and from the moment shutdown begins."""
+    if request.app[keys.HEALTH].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -52,6 +62,7 @@ def create_app(
     app[keys.TOKENS] = Tokens.load(Path(tokens_file)) if tokens_file else None
     app[keys.PASSTHROUGH] = Passthrough(config, clock)
     app[keys.CLOCK] = clock
+    health = app[keys.HEALTH] = Health()
     state = config.server.state_dir
 
     async def task_set(app: web.Application) -> AsyncIterator[None]:
@@ -98,9 +109,12 @@ def create_app(
         refresh.save()
 
     app.cleanup_ctx.extend([task_set, disk_cache, snapshots, refresher])
+    app.on_startup.append(health.startup_done)  # after every cleanup context has started
+    app.on_shutdown.append(health.shutting_down)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get(SNAPSHOT_ROUTE, snapshot)
     app.router.add_post("/hooks/{kind}", hook)
-    app.router.add_post(r"/admin/repos/{host}/{repo:[\s\S]+}/refresh", admin_refresh)
+    admin.add_routes(app)
     return app

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from gitcache import keys
 from gitcache.app import create_app
 from gitcache.auth import Tokens
-from gitcache.config import ConfigError, dump_config, load_config
+from gitcache.config import Config, ConfigError, dump_config, load_config
 from gitcache.log import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(dump_config(config))
         return 0
-    setup_logging(config.log.level)
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout,
-        print=None,
-        access_log=None,  # one line per request comes from the observe middleware
-    )
+    setup_logging(config.log.level, config.log.format)
+    asyncio.run(serve(config))
     return 0
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down in order: readiness answers 503 at
+    once, new connections are accepted for ``server.drain_delay`` more (so a load balancer
+    sees the 503 and stops sending), then refused; running responses get
+    ``server.shutdown_timeout`` to finish; then generations are aborted cleanly and every
+    git child is killed (the app's cleanup contexts)."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.server.shutdown_timeout
+    )  # the observe middleware logs one line per request
+    await runner.setup()
+    await web.TCPSite(runner, config.server.host, config.server.port).start()
+    log.info("gitcache listening on %s", config.server.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: readiness is 503 now")
+        app[keys.HEALTH].ready = False
+        await asyncio.sleep(config.server.drain_delay)
+    finally:
+        await runner.cleanup()
+        log.info("gitcache stopped")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class ServerConfig:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     max_generations: int = DEFAULT_MAX_GENERATIONS
     max_clients_per_generation: int = DEFAULT_MAX_CLIENTS_PER_GENERATION
+    drain_delay: float = 0.0
 
     @property
     def host(self) -> str:
@@ -150,6 +151,7 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = DEFAULT_LOG_LEVEL
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,7 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "shutdown_timeout": parse_duration,
         "max_generations": _parse_int(1, 10_000),
         "max_clients_per_generation": _parse_int(1, 100_000),
+        "drain_delay": parse_duration,
     },
     "mirrors": {
         "fetch_interval": parse_duration,
@@ -308,7 +311,7 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
     "cache": {"backend": _parse_choice("disk"), "keep": _parse_int(1, 1000)},
     "cache.disk": {"max_size": parse_size, "min_free": parse_size},
     "auth": {"tokens_file": _parse_str},
-    "log": {"level": _parse_level},
+    "log": {"level": _parse_level, "format": _parse_choice("text", "json")},
 }
 _UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {
     "url": _parse_upstream_url,

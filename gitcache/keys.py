@@ -10,6 +10,7 @@ from aiohttp import web
 from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.disk import DiskCache
 from gitcache.config import Config
+from gitcache.health import Health
 from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.refresh import Refresher
@@ -17,6 +18,7 @@ from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 
 CONFIG = web.AppKey("config", Config)
+HEALTH = web.AppKey("health", Health)
 TOKENS: web.AppKey[Tokens | None] = web.AppKey("tokens")
 PASSTHROUGH = web.AppKey("passthrough", Passthrough)
 METRICS = web.AppKey("metrics", Metrics)

@@ -72,6 +72,7 @@ class Refresher:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self._path = config.server.state_dir / STATE_FILE
+        self._tasks = tasks
         self._jobs: Coalescer[None] = Coalescer(tasks)
         self._slots = asyncio.Semaphore(self._cfg.concurrency)
         self.repos: dict[RepoRef, RepoState] = {}
@@ -144,6 +145,14 @@ class Refresher:
         """Refresh one repository now (or join the refresh already running)."""
         self.repos.setdefault(repo, RepoState(refs=["HEAD"], last_requested=self._clock()))
         await self._jobs.run(repo, lambda: self._refresh(repo))
+
+    def trigger(self, repo: RepoRef) -> None:
+        """Refresh ``repo`` now, in the background (a webhook, an admin request)."""
+        self._tasks.spawn(self.refresh(repo), name=f"refresh:{repo.name}")
+        log.info("refresh of %s triggered", repo.name)
+
+    def forget(self, repo: RepoRef) -> None:
+        self.repos.pop(repo, None)
 
     async def _refresh(self, repo: RepoRef) -> None:
         state = self.repos[repo]

@@ -67,7 +67,7 @@ class DiskCache:
         self.max_size = max_size
         self._metrics = metrics
         metrics.cache_bytes.labels(TIER).set_function(lambda: self.size)
-        metrics.cache_entries.labels(TIER).set_function(lambda: self.entries)
+        metrics.cache_entries.labels(TIER).set_function(lambda: self.count)
         metrics.cache_max_bytes.labels(TIER).set(max_size)
         self._manifests: dict[RepoRef, Manifest] = {}
         self._lru: collections.OrderedDict[tuple[RepoRef, str], int] = collections.OrderedDict()
@@ -80,7 +80,7 @@ class DiskCache:
         return sum(self._lru.values())
 
     @property
-    def entries(self) -> int:
+    def count(self) -> int:
         return len(self._lru)
 
     def _dir(self, repo: RepoRef) -> Path:
@@ -100,7 +100,7 @@ class DiskCache:
                 zip(manifest.entries, used, strict=True), key=lambda p: p[1]
             ):
                 self._lru[(repo, entry.key)] = entry.size
-        log.info("disk cache: %d entries, %d bytes", self.entries, self.size)
+        log.info("disk cache: %d entries, %d bytes", self.count, self.size)
         await self._evict()
 
     def _recover(self) -> list[tuple[RepoRef, Manifest, list[float]]]:
@@ -137,6 +137,12 @@ class DiskCache:
     async def _manifest(self, repo: RepoRef) -> Manifest:
         manifest = self._manifests.get(repo)
         return manifest if manifest is not None else Manifest()
+
+    def repos(self) -> list[RepoRef]:
+        return [repo for repo, manifest in self._manifests.items() if manifest.entries]
+
+    async def entries(self, repo: RepoRef) -> tuple[Entry, ...]:
+        return (await self._manifest(repo)).entries
 
     async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
         return (await self._manifest(repo)).newest(ref)

@@ -120,6 +120,9 @@ class MirrorStore:
                 mirror.fetched_at = stamp.stat().st_mtime
         return mirror
 
+    def known(self) -> list[Mirror]:
+        return list(self._mirrors.values())
+
     async def ensure(self, repo: RepoRef, max_age: float | None = None) -> Mirror:
         """Return the mirror with its refs loaded, cloning it if missing and fetching it if
         its last fetch is older than ``max_age`` (default: the configured window)."""

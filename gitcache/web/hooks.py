@@ -1,6 +1,5 @@
-"""Webhooks (``POST /hooks/github``, ``POST /hooks/gitlab``) and the manual refresh
-(``POST /admin/repos/{host}/{repo}/refresh``): a push upstream is a fresh snapshot seconds
-later, instead of at the next periodic refresh."""
+"""Webhooks (``POST /hooks/github``, ``POST /hooks/gitlab``): a push upstream is a fresh
+snapshot seconds later, instead of at the next periodic refresh."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from aiohttp import web
 
 from gitcache import keys
 from gitcache.errors import BadRequest, NotFound, Unauthorized
-from gitcache.repo import RepoRef, parse_repo
-from gitcache.web.access import authorize_admin
+from gitcache.repo import parse_repo
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +61,5 @@ async def hook(request: web.Request) -> web.Response:
     if repo not in refresher.repos:
         # Only what clients asked for is kept fresh: a push elsewhere clones nothing.
         return web.json_response({"status": "ignored", "repo": repo.name}, status=202)
-    _trigger(request.app, repo)
+    refresher.trigger(repo)
     return web.json_response({"status": "refreshing", "repo": repo.name}, status=202)
-
-
-async def admin_refresh(request: web.Request) -> web.Response:
-    authorize_admin(request)
-    repo = parse_repo(
-        request.match_info["host"], request.match_info["repo"], request.app[keys.CONFIG].upstreams
-    )
-    _trigger(request.app, repo)
-    return web.json_response({"status": "refreshing", "repo": repo.name}, status=202)
-
-
-def _trigger(app: web.Application, repo: RepoRef) -> None:
-    refresher = app[keys.REFRESHER]
-    app[keys.TASKS].spawn(refresher.refresh(repo), name=f"refresh:{repo.name}")
-    log.info("refresh of %s triggered", repo.name)
