@@ -1,0 +1,226 @@
+"""Metrics, dashboard and alerts, readiness and SIGTERM, logs, and the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gitcache.errors import GitError
+from gitcache.log import setup_logging
+from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
+from tests.upstream import Upstream, make_big_repo
+
+ROOT = Path(__file__).parent.parent
+DASHBOARD = ROOT / "config" / "grafana" / "gitcache.json"
+ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
+
+
+def metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bgitcache_[a-z_]+", text))
+
+
+def exported(name: str, exposition: str) -> bool:
+    base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+    return bool(re.search(rf"^# TYPE ({re.escape(name)}|{re.escape(base)}) ", exposition, re.M))
+
+
+async def test_dashboard_and_alerts_use_only_exported_metrics(client: Any, rich: str) -> None:
+    await (await client.get(snapshot_url(rich))).read()
+    exposition = await (await client.get("/metrics")).text()
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    used = metric_names("\n".join(exprs)) | metric_names(ALERTS.read_text())
+    assert len(used) > 15
+    missing = sorted(name for name in used if not exported(name, exposition))
+    assert missing == []
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def sample(exposition: str, name: str, **labels: str) -> float:
+    for line in exposition.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_follow_miss_follower_hit_stale_and_failure(
+    make_client: Any, upstream: Upstream, rich: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+
+    async def metrics() -> str:
+        return str(await (await client.get("/metrics")).text())
+
+    first, second = await asyncio.gather(
+        client.get(snapshot_url(rich)), client.get(snapshot_url(rich))
+    )
+    size = len(await first.read())
+    await second.read()
+    hit = await client.get(snapshot_url(rich))
+    await hit.read()
+    m = await metrics()
+    assert sample(m, "gitcache_snapshot_responses_total", source="miss", tier="spool") == 1
+    assert (
+        sample(m, "gitcache_snapshot_responses_total", source="hit", tier="disk")
+        + sample(m, "gitcache_snapshot_responses_total", source="follower", tier="spool")
+        == 2
+    )
+    assert sample(m, "gitcache_generations_total", result="ok") == 1
+    assert sample(m, "gitcache_generation_bytes_total") == size
+    assert sample(m, "gitcache_mirror_operations_total", operation="clone", result="ok") == 1
+    assert sample(m, "gitcache_upstream_fetched_bytes_total") > 0
+    served = sum(
+        sample(m, "gitcache_snapshot_bytes_served_total", source=s)
+        for s in ("miss", "follower", "hit")
+    )
+    assert served == 3 * size
+    assert sample(m, "gitcache_cache_entries", tier="disk") == 1
+    assert sample(m, "gitcache_generations_in_flight") == 0
+    assert sample(m, "gitcache_http_requests_total", method="GET", status="200") >= 3
+
+    async def fail(sent: int) -> None:
+        raise GitError("simulated")
+
+    wrap_build_tar(monkeypatch, fail)
+    broken = await client.get(snapshot_url(rich, "feature"))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await broken.read()
+    await asyncio.sleep(0.1)
+    assert sample(await metrics(), "gitcache_generations_total", result="failed") == 1
+
+
+async def test_stale_is_counted(make_client: Any, upstream: Upstream, rich: str) -> None:
+    client = await make_client(mirrors={"fetch_interval": "0s"})
+    await (await client.get(snapshot_url(rich))).read()
+    upstream.fail = True
+    stale = await client.get(snapshot_url(rich))
+    await stale.read()
+    assert stale.headers["X-Gitcache-Source"] == "stale"
+    m = await (await client.get("/metrics")).text()
+    assert sample(m, "gitcache_snapshot_responses_total", source="stale", tier="disk") == 1
+    assert sample(m, "gitcache_mirror_operations_total", operation="fetch", result="error") >= 1
+
+
+async def test_one_log_line_per_request_and_json_format(
+    client: Any, rich: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gitcache.access")
+    await (await client.get(snapshot_url(rich))).read()
+    lines = [r.getMessage() for r in caplog.records if r.name == "gitcache.access"]
+    assert len(lines) == 1
+    assert re.match(
+        rf"GET /git/{HOST}/{rich}/snapshot.tar.zst 200 source=miss bytes=\d+ duration=[\d.]+ "
+        r"commit=[0-9a-f]{40}$",
+        lines[0],
+    )
+
+    stream = io.StringIO()
+    setup_logging("INFO", "json")
+    handler = logging.getLogger().handlers[0]
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        logging.getLogger("gitcache.test").warning(
+            "fetch https://bob:hunter2@example.test/x failed"
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+    record = json.loads(stream.getvalue())
+    assert record["level"] == "WARNING" and record["logger"] == "gitcache.test"
+    assert "hunter2" not in record["message"] and "https://***@example.test/x" in record["message"]
+
+
+async def test_admin_api(client: Any, rich: str, state_dir: Path) -> None:
+    await (await client.get(snapshot_url(rich))).read()
+    listing = await (await client.get("/admin/repos")).json()
+    [repo] = listing["repos"]
+    assert repo["repo"] == f"{HOST}/{rich}"
+    assert repo["mirror"]["present"] and repo["mirror"]["bytes"] > 0
+    assert repo["refresh"]["refs"] == ["HEAD"]
+    [snap] = repo["snapshots"]
+    assert snap["tiers"] == ["disk"] and len(snap["commit"]) == 40 and snap["bytes"] > 0
+
+    one = await client.get(f"/admin/repos/{HOST}/{rich}")
+    assert (await one.json())["repo"] == f"{HOST}/{rich}"
+    assert (await client.get(f"/admin/repos/{HOST}/nothing/here")).status == 404
+
+    deleted = await client.delete(f"/admin/repos/{HOST}/{rich}")
+    assert deleted.status == 200
+    assert not (state_dir / "mirrors" / HOST / "group%2Frich.git").exists()
+    assert not list((state_dir / "cache").rglob("*.tar.zst"))
+    assert (await (await client.get("/admin/repos")).json())["repos"] == []
+    again = await client.get(snapshot_url(rich))
+    assert again.headers["X-Gitcache-Source"] == "miss"
+    await again.read()
+
+
+async def test_readiness(client: Any) -> None:
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready"}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("big") / "work"
+    make_big_repo(work, megabytes=24)
+    return work
+
+
+async def test_sigterm_during_a_stream_and_a_generation(
+    upstream: Upstream, big: Path, tmp_path: Path, state_dir: Path, unused_tcp_port: int
+) -> None:
+    upstream.create("big", big)
+    config = tmp_path / "gitcache.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{unused_tcp_port}"\nstate_dir = "{state_dir}"\n'
+        'shutdown_timeout = "1s"\ndrain_delay = "1s"\n'
+        "[snapshot]\nzstd_level = 19\n"  # slow on purpose: the generation is still running
+        f'[upstreams."{HOST}"]\nurl = "{upstream.url("{repo}")}"\nallow_private = true\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)
+    )
+    base = f"http://127.0.0.1:{unused_tcp_port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                if (await session.get(f"{base}/readyz")).status == 200:
+                    break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("gitcache never became ready")
+        stream = await session.get(base + snapshot_url("big"))
+        assert stream.status == 200
+        await stream.content.read(100)
+        assert list((state_dir / "spool").iterdir())  # the generation is running
+
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as fresh:  # a new connection, during the drain
+            assert (await fresh.get(f"{base}/readyz")).status == 503
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await stream.read()  # cut after shutdown_timeout: no truncated "success"
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert processes_mentioning(str(state_dir)) == []
+    assert list((state_dir / "spool").iterdir()) == []
+    assert list((state_dir / "cache").rglob("*.tar.zst")) == []
