@@ -8,7 +8,6 @@ at once with a message an operator can act on, not later with a stack trace.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import tomllib
@@ -17,7 +16,24 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+
+from gitcache.config_values import (
+    ConfigError,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_int,
+    parse_level,
+    parse_listen,
+    parse_repo_list,
+    parse_size,
+    parse_str,
+    parse_upstream_url,
+    read_secret,
+    require_public,
+)
+
+__all__ = ["Config", "ConfigError", "config_from_dict", "dump_config", "load_config"]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = "/var/lib/gitcache"
@@ -46,10 +62,6 @@ DEFAULT_DISK_MIN_FREE = 1024**3
 
 ENV_CONFIG = "GITCACHE_CONFIG"
 ENV_PREFIX = "GITCACHE_"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -167,128 +179,16 @@ class Config:
     hooks: Mapping[str, HookConfig] = field(default_factory=dict)
 
 
-# --- value parsers -------------------------------------------------------------------------
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``90``, ``"1.5s"``, ``"10m"``, ``"2h"``, ``"7d"`` or ``"250ms"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '30s' or '10m'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
-        if not match:
-            raise ValueError(f"{value!r} is not a duration such as '30s' or '10m'")
-        seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
-    else:
-        raise ValueError("expected a duration such as '30s' or '10m'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as '512MiB' or '50GiB'")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if not match or match[2].lower() not in _SIZE_UNITS:
-            raise ValueError(f"{value!r} is not a size such as '512MiB' or '50GiB'")
-        size = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
-    else:
-        raise ValueError("expected a size such as '512MiB' or '50GiB'")
-    if size < 0:
-        raise ValueError("a size cannot be negative")
-    return size
-
-
-def _parse_int(low: int, high: int) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected a whole number")
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _parse_str(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
-def _parse_listen(value: object) -> str:
-    text = _parse_str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return text
-
-
-def _parse_bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _parse_choice(*choices: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
-        return str(value)
-
-    return parse
-
-
-def _parse_repo_list(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and "/" in v for v in value):
-        raise ValueError('expected a list of "host/repository" strings')
-    return tuple(v.removesuffix(".git") for v in value)
-
-
-def _parse_level(value: object) -> str:
-    return _parse_choice("DEBUG", "INFO", "WARNING", "ERROR")(str(value).upper())
-
-
-def _parse_upstream_url(value: object) -> str:
-    url = _parse_str(value)
-    if "{repo}" not in url:
-        raise ValueError("must contain '{repo}', e.g. 'https://github.com/{repo}.git'")
-    if not re.match(r"(https?|file)://", url):
-        raise ValueError("must start with https://, http:// or file://")
-    return url
-
-
 # --- loading -------------------------------------------------------------------------------
 
 _T = TypeVar("_T")
 _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
     "server": {
-        "listen": _parse_listen,
-        "state_dir": lambda v: Path(_parse_str(v)),
+        "listen": parse_listen,
+        "state_dir": lambda v: Path(parse_str(v)),
         "shutdown_timeout": parse_duration,
-        "max_generations": _parse_int(1, 10_000),
-        "max_clients_per_generation": _parse_int(1, 100_000),
+        "max_generations": parse_int(1, 10_000),
+        "max_clients_per_generation": parse_int(1, 100_000),
         "drain_delay": parse_duration,
     },
     "mirrors": {
@@ -302,30 +202,30 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
     "refresh": {
         "interval": parse_duration,
         "idle_after": parse_duration,
-        "concurrency": _parse_int(1, 64),
+        "concurrency": parse_int(1, 64),
         "stale_if_error": parse_duration,
         "backoff_max": parse_duration,
-        "pinned": _parse_repo_list,
+        "pinned": parse_repo_list,
     },
-    "snapshot": {"zstd_level": _parse_int(-7, 22), "zstd_threads": _parse_int(-1, 64)},
-    "cache": {"backend": _parse_choice("disk"), "keep": _parse_int(1, 1000)},
+    "snapshot": {"zstd_level": parse_int(-7, 22), "zstd_threads": parse_int(-1, 64)},
+    "cache": {"backend": parse_choice("disk"), "keep": parse_int(1, 1000)},
     "cache.disk": {"max_size": parse_size, "min_free": parse_size},
-    "auth": {"tokens_file": _parse_str},
-    "log": {"level": _parse_level, "format": _parse_choice("text", "json")},
+    "auth": {"tokens_file": parse_str},
+    "log": {"level": parse_level, "format": parse_choice("text", "json")},
 }
 _UPSTREAM_KEYS: dict[str, Callable[[object], object]] = {
-    "url": _parse_upstream_url,
-    "username": _parse_str,
-    "token_env": _parse_str,
-    "token_file": _parse_str,
-    "auth": _parse_choice("none", "passthrough"),
+    "url": parse_upstream_url,
+    "username": parse_str,
+    "token_env": parse_str,
+    "token_file": parse_str,
+    "auth": parse_choice("none", "passthrough"),
     "auth_ttl": parse_duration,
-    "allow_private": _parse_bool,
+    "allow_private": parse_bool,
 }
 _HOOK_KEYS: dict[str, Callable[[object], object]] = {
-    "host": _parse_str,
-    "secret_env": _parse_str,
-    "secret_file": _parse_str,
+    "host": parse_str,
+    "secret_env": parse_str,
+    "secret_file": parse_str,
 }
 HOOK_KINDS = {"github": "github.com", "gitlab": "gitlab.com"}
 
@@ -418,10 +318,10 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
             raise ConfigError(f"upstreams.{host}.url: missing")
         upstream = _build(UpstreamConfig, f"upstreams.{host}", table, host=host)
         if not upstream.allow_private:
-            _require_public(f"upstreams.{host}", host, upstream.url)
+            require_public(f"upstreams.{host}", host, upstream.url)
         token = ""
         if upstream.token_env or upstream.token_file:
-            token = _read_secret(
+            token = read_secret(
                 f"upstreams.{host}", "token", upstream.token_env, upstream.token_file, environ
             )
         upstreams[host] = dataclasses.replace(upstream, token=token)
@@ -435,7 +335,7 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         if kind not in HOOK_KINDS:
             raise ConfigError(f"hooks.{kind}: unknown hook, expected one of {sorted(HOOK_KINDS)}")
         hook = _build(HookConfig, f"hooks.{kind}", {"host": HOOK_KINDS[kind], **table})
-        secret = _read_secret(f"hooks.{kind}", "secret", hook.secret_env, hook.secret_file, environ)
+        secret = read_secret(f"hooks.{kind}", "secret", hook.secret_env, hook.secret_file, environ)
         hooks[kind] = dataclasses.replace(hook, secret=secret)
         if hook.host not in upstreams:
             raise ConfigError(f"hooks.{kind}.host: {hook.host!r} is not a configured upstream")
@@ -454,48 +354,6 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         log=_build(LogConfig, "log", data.get("log", {})),
         upstreams=upstreams,
     )
-
-
-def _read_secret(
-    name: str, kind: str, env: str, file: str, environ: Mapping[str, str] | None
-) -> str:
-    """A secret from the environment variable ``env`` or the file ``file`` (exactly one)."""
-    if bool(env) == bool(file):
-        raise ConfigError(f"{name}: set exactly one of {kind}_env and {kind}_file")
-    if env:
-        secret = (os.environ if environ is None else environ).get(env, "")
-        if not secret:
-            raise ConfigError(f"{name}.{kind}_env: ${env} is not set")
-        return secret
-    try:
-        secret = Path(file).read_text("utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{name}.{kind}_file: cannot read: {exc.strerror or exc}") from None
-    if not secret:
-        raise ConfigError(f"{name}.{kind}_file: the file is empty")
-    return secret
-
-
-def _require_public(name: str, host: str, url: str) -> None:
-    """No open proxy into the local network: IP literals, localhost and file:// URLs need
-    ``allow_private = true``."""
-    parts = urlsplit(url.replace("{repo}", "x"))
-    if parts.scheme == "file":
-        raise ConfigError(f"{name}.url: file:// URLs need allow_private = true")
-    for candidate in (host.rsplit(":", 1)[0] if host.count(":") == 1 else host, parts.hostname):
-        if not candidate:
-            continue
-        try:
-            ipaddress.ip_address(candidate.strip("[]"))
-        except ValueError:
-            if candidate == "localhost" or candidate.endswith(".localhost"):
-                raise ConfigError(
-                    f"{name}: {candidate!r} is local; set allow_private = true to allow it"
-                ) from None
-            continue
-        raise ConfigError(
-            f"{name}: {candidate!r} is an IP literal; set allow_private = true to allow it"
-        )
 
 
 def dump_config(config: Config) -> str:

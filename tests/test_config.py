@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gitcache.config import ConfigError, config_from_dict, load_config, parse_duration, parse_size
+from gitcache.config import ConfigError, config_from_dict, load_config
+from gitcache.config_values import parse_duration, parse_size
 
 UPSTREAMS = {"upstreams": {"github.com": {"url": "https://github.com/{repo}.git"}}}
 
