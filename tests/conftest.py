@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gitcache.app import create_app
 from gitcache.config import Config, config_from_dict
-from tests.upstream import Upstream, make_rich_repo
+from tests.upstream import Upstream, make_big_repo, make_rich_repo
 
 # Tests must not depend on the developer's git config; commits need an identity.
 _GIT_HOME = tempfile.mkdtemp(prefix="gitcache-tests-")
@@ -52,6 +52,15 @@ async def upstream(tmp_path: Path, aiohttp_server: Any) -> Upstream:
 def rich_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     work = tmp_path_factory.mktemp("rich") / "work"
     return work, make_rich_repo(work)
+
+
+@pytest.fixture(scope="session")
+def big_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 MB of incompressible files: a snapshot stream that lasts long enough to be
+    interrupted, slowed down or shut down in the middle."""
+    work = tmp_path_factory.mktemp("big") / "work"
+    make_big_repo(work, megabytes=24)
+    return work
 
 
 @pytest.fixture

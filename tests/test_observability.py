@@ -20,7 +20,7 @@ import pytest
 from gitcache.errors import GitError
 from gitcache.log import setup_logging
 from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
-from tests.upstream import Upstream, make_big_repo
+from tests.upstream import Upstream
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "gitcache.json"
@@ -177,17 +177,10 @@ async def test_readiness(client: Any) -> None:
     assert await response.json() == {"status": "ready"}
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("big") / "work"
-    make_big_repo(work, megabytes=24)
-    return work
-
-
 async def test_sigterm_during_a_stream_and_a_generation(
-    upstream: Upstream, big: Path, tmp_path: Path, state_dir: Path, unused_tcp_port: int
+    upstream: Upstream, big_work: Path, tmp_path: Path, state_dir: Path, unused_tcp_port: int
 ) -> None:
-    upstream.create("big", big)
+    upstream.create("big", big_work)
     config = tmp_path / "gitcache.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{unused_tcp_port}"\nstate_dir = "{state_dir}"\n'

@@ -14,7 +14,7 @@ import pytest
 from gitcache import keys
 from gitcache.errors import GitError
 from tests.helpers import extract, snapshot_url, status, wrap_build_tar
-from tests.upstream import Upstream, git, make_big_repo
+from tests.upstream import Upstream, git
 
 
 async def test_miss_then_hit_serves_identical_bytes(
@@ -49,13 +49,6 @@ async def test_concurrent_cold_requests_share_one_clone_and_one_generation(
     assert sources.count("miss") == 1
     assert set(sources) <= {"miss", "follower", "hit"}
     assert client.app[keys.SNAPSHOTS].generations_started == 1
-
-
-@pytest.fixture(scope="session")
-def big_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("big") / "work"
-    make_big_repo(work, megabytes=24)
-    return work
 
 
 async def _generations_done(client: Any) -> None:

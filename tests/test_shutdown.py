@@ -11,21 +11,14 @@ import pytest
 
 from gitcache import keys
 from tests.helpers import processes_mentioning, snapshot_url, wrap_build_tar
-from tests.upstream import Upstream, make_big_repo
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("big") / "work"
-    make_big_repo(work, megabytes=8)
-    return work
+from tests.upstream import Upstream
 
 
 async def test_shutdown_mid_generation(
-    make_client: Any, upstream: Upstream, big: Path, state_dir: Path,
+    make_client: Any, upstream: Upstream, big_work: Path, state_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    upstream.create("big", big)
+    upstream.create("big", big_work)
 
     async def slowly(sent: int) -> None:
         await asyncio.sleep(0.2)
