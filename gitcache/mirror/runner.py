@@ -2,7 +2,7 @@
 
 Each git child runs in its own process group, so that a timeout or a cancelled task kills
 the whole group (git spawns helpers: ``git-remote-https``, ``pack-objects``, ``index-pack``)
-and no child outlives the task that started it. stderr is captured (the tail of it) and
+and no child outlives the task that started it. stderr is captured and
 carried, with credentials masked, into the :class:`GitError` a failure raises.
 """
 
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from gitcache.errors import GitError, GitTimeout
 from gitcache.redact import mask_credentials
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL = 8192
-PIPE_SIZE = 1024 * 1024
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
 
 # Git must never stop to ask a question on a terminal; messages must be stable enough to
 # classify (LC_ALL=C); LFS pointers stay pointers, as in a CI checkout with skip-smudge.
@@ -72,27 +69,13 @@ async def _reap(proc: asyncio.subprocess.Process, *streams: asyncio.StreamReader
     await proc.wait()
 
 
-class _StderrTail:
-    """Drains a child's stderr so it can never block on a full pipe; keeps the tail."""
-
-    def __init__(self, stream: asyncio.StreamReader) -> None:
-        self._buffer = bytearray()
-        self._task = asyncio.ensure_future(self._drain(stream))
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(65536):
-            self._buffer += chunk
-            del self._buffer[:-STDERR_TAIL]
-
-    async def text(self) -> str:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._task), 1.0)
-        self._task.cancel()
-        return mask_credentials(self._buffer.decode("utf-8", "replace").strip())
-
-
 async def _spawn(
-    args: Sequence[str], *, cwd: Path | None, env: Mapping[str, str], stdin: int | None
+    args: Sequence[str],
+    *,
+    cwd: Path | None,
+    env: Mapping[str, str],
+    stdin: int | None,
+    stdout: int | IO[bytes],
 ) -> asyncio.subprocess.Process:
     log.debug("git %s", mask_credentials(" ".join(args)))
     return await asyncio.create_subprocess_exec(
@@ -101,20 +84,10 @@ async def _spawn(
         cwd=cwd,
         env=dict(env),
         stdin=stdin,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
-
-
-def _widen_pipe(proc: asyncio.subprocess.Process) -> None:
-    """Grow the stdout pipe from 64 KiB to 1 MiB: git then runs ahead of its reader instead
-    of waking it for every 64 KiB, which roughly halves the cost of a bulk stream."""
-    # Best effort: a child that already exited has closed the pipe, and it no longer matters.
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        transport = proc._transport  # type: ignore[attr-defined]
-        pipe = transport.get_pipe_transport(1).get_extra_info("pipe")
-        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _failure(args: Sequence[str], returncode: int | None, stderr: str) -> GitError:
@@ -129,11 +102,21 @@ async def run_git(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
+    stdout_path: Path | None = None,
 ) -> bytes:
-    """Run git to completion and return its stdout; raise GitError or GitTimeout."""
-    proc = await _spawn(
-        args, cwd=cwd, env=env or git_env(), stdin=asyncio.subprocess.PIPE if input else None
-    )
+    """Run git to completion and return its stdout (or write it to ``stdout_path``,
+    returning b""); raise GitError or GitTimeout."""
+    with contextlib.ExitStack() as stack:
+        out: int | IO[bytes] = asyncio.subprocess.PIPE
+        if stdout_path is not None:
+            out = stack.enter_context(stdout_path.open("wb"))
+        proc = await _spawn(
+            args,
+            cwd=cwd,
+            env=env or git_env(),
+            stdin=asyncio.subprocess.PIPE if input else None,
+            stdout=out,
+        )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(input), timeout)
     except TimeoutError:
@@ -143,38 +126,4 @@ async def run_git(
     if proc.returncode != 0:
         text = mask_credentials(stderr.decode("utf-8", "replace").strip())
         raise _failure(args, proc.returncode, text)
-    return stdout
-
-
-class GitStream:
-    """A running git command whose stdout is read by the caller."""
-
-    def __init__(self, args: Sequence[str], proc: asyncio.subprocess.Process) -> None:
-        self.args = args
-        self.proc = proc
-        assert proc.stdout is not None and proc.stderr is not None
-        self.stdout: asyncio.StreamReader = proc.stdout
-        self._stderr = _StderrTail(proc.stderr)
-
-    async def check(self) -> None:
-        """Wait for the exit (stdout must be drained first) and raise if git failed."""
-        returncode = await self.proc.wait()
-        if returncode != 0:
-            raise _failure(self.args, returncode, await self._stderr.text())
-
-
-@contextlib.asynccontextmanager
-async def stream_git(
-    args: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
-) -> AsyncIterator[GitStream]:
-    """Start git with stdout piped to the caller; whatever way the block is left, the
-    process group is killed and reaped."""
-    proc = await _spawn(args, cwd=cwd, env=env or git_env(), stdin=None)
-    _widen_pipe(proc)
-    stream = GitStream(args, proc)
-    try:
-        yield stream
-    finally:
-        kill_group(proc)
-        await stream._stderr.text()  # drains stderr to EOF (or gives up after a second)
-        await _reap(proc, proc.stdout, proc.stderr)
+    return stdout or b""

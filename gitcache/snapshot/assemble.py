@@ -26,15 +26,16 @@ from pathlib import Path
 
 from gitcache.errors import GitError
 from gitcache.mirror.refs import Checkout
-from gitcache.mirror.runner import git_env, run_git, stream_git
+from gitcache.mirror.runner import git_env, run_git
 from gitcache.mirror.store import Mirror
 from gitcache.snapshot import gitdir
 from gitcache.snapshot.tarstream import (
+    BLOCK,
     dir_entry,
     file_entry,
+    global_header_length,
     header,
     padding,
-    skip_global_header,
 )
 
 CHUNK = 1024 * 1024
@@ -91,11 +92,47 @@ async def _file_chunks(
         yield padding(size)
 
 
+async def _tail(path: Path, writer: asyncio.Future[bytes]) -> AsyncGenerator[bytes, None]:
+    """The tar ``git archive`` is writing to ``path``, as it grows, without its leading
+    pax global header (a comment holding the commit id); ends when git has exited and
+    everything was read, raising if git failed."""
+    skip: int | None = None  # bytes of global header still to drop, once known
+    head = b""
+    with path.open("rb") as f:
+        while True:
+            chunk = await asyncio.to_thread(f.read, CHUNK)
+            if not chunk:
+                if writer.done():
+                    writer.result()
+                    if not (chunk := await asyncio.to_thread(f.read, CHUNK)):
+                        if skip is None:
+                            raise GitError("git archive wrote no complete tar")
+                        return
+                else:
+                    await asyncio.wait([writer], timeout=0.01)
+                    continue
+            if skip is None:
+                head += chunk
+                if len(head) < BLOCK:
+                    continue
+                skip, chunk, head = global_header_length(head[:BLOCK]), head, b""
+            if skip:
+                dropped = min(skip, len(chunk))
+                skip -= dropped
+                chunk = chunk[dropped:]
+            if chunk:
+                yield chunk
+
+
 async def build_tar(
-    mirror: Mirror, checkout: Checkout, work: Path, *, git_timeout: float
+    mirror: Mirror, checkout: Checkout, work: Path, *, git_timeout: float, archive_timeout: float
 ) -> AsyncGenerator[bytes, None]:
     """Yield the snapshot's tar stream in chunks. ``work`` is an empty directory on the
-    same filesystem as the mirror, owned by the caller (it removes it afterwards)."""
+    same filesystem as the mirror, owned by the caller (it removes it afterwards).
+
+    ``git archive`` starts at once and writes the working tree to a file in ``work`` while
+    the packs are being sent: on two cores, resolving the tree's blobs (the slow part of
+    archive) overlaps with compressing the packs, instead of following it."""
     assert mirror.refs is not None
     refs, commit = mirror.refs, checkout.commit
     git_dir = str(mirror.path)
@@ -111,6 +148,20 @@ async def build_tar(
             timeout=git_timeout,
             env={**hermetic, "GIT_INDEX_FILE": str(index)},
         )
+    )
+    worktree = work / "worktree.tar"
+    archive_args = [
+        "--git-dir",
+        git_dir,
+        "-c",
+        "tar.umask=022",
+        "archive",
+        "--format=tar",
+        "--end-of-options",
+        commit,
+    ]
+    archive = asyncio.ensure_future(
+        run_git(archive_args, timeout=archive_timeout, env=hermetic, stdout_path=worktree)
     )
     try:
         now = int(time.time())
@@ -152,26 +203,10 @@ async def build_tar(
                 async for chunk in it:
                     yield chunk
 
-        archive = [
-            "--git-dir",
-            git_dir,
-            "-c",
-            "tar.umask=022",
-            "archive",
-            "--format=tar",
-            "--end-of-options",
-            commit,
-        ]
-        async with stream_git(archive, env=hermetic) as proc:
-            try:
-                yield await skip_global_header(proc.stdout)
-            except asyncio.IncompleteReadError:
-                await proc.check()
-                raise
-            while chunk := await proc.stdout.read(CHUNK):
+        async with contextlib.aclosing(_tail(worktree, archive)) as it:
+            async for chunk in it:
                 yield chunk
-            await proc.check()
     finally:
-        if not read_tree.done():
-            read_tree.cancel()
-        await asyncio.gather(read_tree, return_exceptions=True)
+        for task in (read_tree, archive):
+            task.cancel()  # kills the git child if it still runs
+        await asyncio.gather(read_tree, archive, return_exceptions=True)

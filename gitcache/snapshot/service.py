@@ -289,7 +289,14 @@ class SnapshotService:
         started = time.monotonic()
         try:
             await run_blocking(work.mkdir, parents=True)
-            chunks = build_tar(mirror, checkout, work, git_timeout=self._config.mirrors.git_timeout)
+            chunks = build_tar(
+                mirror,
+                checkout,
+                work,
+                git_timeout=self._config.mirrors.git_timeout,
+                # An archive of a large tree may take as long as its clone did.
+                archive_timeout=self._config.mirrors.clone_timeout,
+            )
             try:
                 size, sha256 = await write_spool(generation, chunks, writer)
             finally:

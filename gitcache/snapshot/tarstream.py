@@ -8,7 +8,6 @@ the working tree is passed through without parsing a single member.
 
 from __future__ import annotations
 
-import asyncio
 import tarfile
 
 BLOCK = 512
@@ -52,12 +51,10 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-async def skip_global_header(stream: asyncio.StreamReader) -> bytes:
-    """Read the first member of a tar stream; drop it if it is a pax global header.
-    Returns whatever was read that belongs to the output."""
-    first = await stream.readexactly(BLOCK)
+def global_header_length(first: bytes) -> int:
+    """Given a tar's first block: the length of its pax global header (header and data,
+    padded), or 0 if it does not start with one."""
     if first[156:157] != tarfile.XGLTYPE:
-        return first
+        return 0
     size = _octal(first[124:136])
-    await stream.readexactly(size + (-size % BLOCK))
-    return b""
+    return BLOCK + size + (-size % BLOCK)
