@@ -55,8 +55,9 @@ def make_repo(out: Path, *, files: int, commits: int, seed: int = 1) -> Path:
         stream.append(b"\n")
         if n % 5 == 4:
             stream.append(b"reset refs/tags/v%d\nfrom :%d\n\n" % (n, mark))
-    subprocess.run(["git", "--git-dir", str(out), "fast-import", "--quiet"],
-                   input=b"".join(stream), check=True)  # fmt: skip
+    subprocess.run(
+        ["git", "--git-dir", str(out), "fast-import", "--quiet"], input=b"".join(stream), check=True
+    )
     subprocess.run(["git", "--git-dir", str(out), "gc", "-q"], check=True)
     return out
 

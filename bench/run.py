@@ -57,10 +57,19 @@ def sh(command: str) -> float:
 def curl(url: str) -> tuple[float, float, int]:
     """(time to first byte, total, bytes) as curl measures them."""
     result = subprocess.run(
-        ["curl", "-sf", "-o", "/dev/null", "-w",
-         "%{time_starttransfer} %{time_total} %{size_download}", url],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ttfb, total, size = result.stdout.split()
     return float(ttfb), float(total), int(size)
 
@@ -136,15 +145,21 @@ class Bench:
         ttfb = statistics.median(t[0] for t in timings)
         total = statistics.median(t[1] for t in timings)
         reference = statistics.median(
-            sh(f"git clone -q {mirror} {self.work}/co-{i} && tar -cf - -C {self.work}/co-{i} . "
-               f"| zstd -q -T0 -3 -o {self.work}/ref-{i}.tar.zst && rm -rf {self.work}/co-{i}")
+            sh(
+                f"git clone -q {mirror} {self.work}/co-{i} && tar -cf - -C {self.work}/co-{i} . "
+                f"| zstd -q -T0 -3 -o {self.work}/ref-{i}.tar.zst && rm -rf {self.work}/co-{i}"
+            )
             for i in range(self.runs)
-        )  # fmt: skip
+        )
         print("\nmiss, warm mirror: gitcache vs clone-then-tar|zstd -T0")
-        print(f"  first byte {ttfb * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
-              f"  {reference / ttfb:7.1f}x sooner")  # fmt: skip
-        print(f"  total      {total * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
-              f"  {reference / total:7.2f}x faster   ({timings[0][2] / 1e6:.1f} MB)")  # fmt: skip
+        print(
+            f"  first byte {ttfb * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
+            f"  {reference / ttfb:7.1f}x sooner"
+        )
+        print(
+            f"  total      {total * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
+            f"  {reference / total:7.2f}x faster   ({timings[0][2] / 1e6:.1f} MB)"
+        )
 
     def hit(self, entry: Path) -> None:
         app = web.Application()
@@ -161,22 +176,34 @@ class Bench:
             )
         mb = entry.stat().st_size / 1e6
         print("\nhit throughput: gitcache vs web.FileResponse of the same file")
-        print(f"  gitcache {mb / ours:7.0f} MB/s  FileResponse {mb / plain:7.0f} MB/s"
-              f"  ratio {plain / ours:.2f}")  # fmt: skip
+        print(
+            f"  gitcache {mb / ours:7.0f} MB/s  FileResponse {mb / plain:7.0f} MB/s"
+            f"  ratio {plain / ours:.2f}"
+        )
 
     def restore(self) -> None:
         ours, clone = [], []
         for i in range(self.runs):
-            ours.append(sh(f"mkdir {self.work}/r-{i} && curl -sf '{self.url('bench-0')}' "
-                           f"| zstd -d -q | tar -x -C {self.work}/r-{i}"))  # fmt: skip
-            clone.append(sh(f"git clone -q http://127.0.0.1:{self.upstream_port}/{self.name}.git "
-                            f"{self.work}/c-{i}"))  # fmt: skip
+            ours.append(
+                sh(
+                    f"mkdir {self.work}/r-{i} && curl -sf '{self.url('bench-0')}' "
+                    f"| zstd -d -q | tar -x -C {self.work}/r-{i}"
+                )
+            )
+            clone.append(
+                sh(
+                    f"git clone -q http://127.0.0.1:{self.upstream_port}/{self.name}.git "
+                    f"{self.work}/c-{i}"
+                )
+            )
             shutil.rmtree(self.work / f"r-{i}")
             shutil.rmtree(self.work / f"c-{i}")
         ours_s, clone_s = statistics.median(ours), statistics.median(clone)
         print("\nrestore: curl | zstd -d | tar -x  vs  git clone over HTTP")
-        print(f"  gitcache {ours_s * 1e3:8.1f} ms  git clone {clone_s * 1e3:8.1f} ms"
-              f"  {clone_s / ours_s:.2f}x faster")  # fmt: skip
+        print(
+            f"  gitcache {ours_s * 1e3:8.1f} ms  git clone {clone_s * 1e3:8.1f} ms"
+            f"  {clone_s / ours_s:.2f}x faster"
+        )
 
     def memory(self) -> None:
         before = rss_kb(self.pid)
@@ -190,8 +217,10 @@ class Bench:
             time.sleep(0.005)
         failed = sum(1 for c in clients if c.returncode != 0)
         print(f"\nserver memory, {CLIENTS} clients streaming one miss")
-        print(f"  RSS idle {before / 1024:6.1f} MB  peak {peak / 1024:6.1f} MB"
-              f"  (failed clients: {failed})")  # fmt: skip
+        print(
+            f"  RSS idle {before / 1024:6.1f} MB  peak {peak / 1024:6.1f} MB"
+            f"  (failed clients: {failed})"
+        )
 
 
 def run(bare: Path, runs: int, work: Path) -> None:

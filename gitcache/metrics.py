@@ -50,6 +50,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.generations_started = Counter(
+            "gitcache_generations_started_total", "Snapshot generations started.", registry=r
+        )
         self.generations = Counter(
             "gitcache_generations_total",
             "Snapshot generations by result.",

@@ -27,8 +27,23 @@ BAD_PATHS = [
     ("/git/other.test/a/b/snapshot.tar.zst", 404, "unknown_host"),
     ("/git/127.0.0.1/a/b/snapshot.tar.zst", 404, "unknown_host"),
 ]
-BAD_REFS = ["a..b", "-x", "%01", "a%20b", "", "a~1", "a^", "a:b", "a/", "a.lock", "@", "x@{1}",
-            ".hidden", "a//b", "a" * 300]  # fmt: skip
+BAD_REFS = [
+    "a..b",
+    "-x",
+    "%01",
+    "a%20b",
+    "",
+    "a~1",
+    "a^",
+    "a:b",
+    "a/",
+    "a.lock",
+    "@",
+    "x@{1}",
+    ".hidden",
+    "a//b",
+    "a" * 300,
+]
 
 
 def _assert_untouched(state_dir: Path) -> None:

@@ -210,8 +210,11 @@ async def test_webhooks(
     body = json.dumps({"repository": {"full_name": rich}}).encode()
     before = upstream.clones(rich)
 
-    for headers in ({}, {"X-Hub-Signature-256": "sha256=" + "0" * 64},
-                    {"X-Hub-Signature-256": _signed("wrong", body)}):  # fmt: skip
+    for headers in (
+        {},
+        {"X-Hub-Signature-256": "sha256=" + "0" * 64},
+        {"X-Hub-Signature-256": _signed("wrong", body)},
+    ):
         response = await client.post("/hooks/github", data=body, headers=headers)
         assert response.status == 401
         assert (await response.json())["code"] == "unauthorized"

@@ -83,6 +83,7 @@ async def test_metrics_follow_miss_follower_hit_stale_and_failure(
         + sample(m, "gitcache_snapshot_responses_total", source="follower", tier="spool")
         == 2
     )
+    assert sample(m, "gitcache_generations_started_total") == 1
     assert sample(m, "gitcache_generations_total", result="ok") == 1
     assert sample(m, "gitcache_generation_bytes_total") == size
     assert sample(m, "gitcache_mirror_operations_total", operation="clone", result="ok") == 1

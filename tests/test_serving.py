@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,9 +78,13 @@ async def test_client_disconnect_does_not_stop_the_cache_fill(
 
 
 async def test_failed_generation_aborts_streams_and_caches_nothing(
-    client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch,
+    client: Any,
+    upstream: Upstream,
+    big_work: Path,
+    monkeypatch: pytest.MonkeyPatch,
     state_dir: Path,
-) -> None:  # fmt: skip
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     upstream.create("big", big_work)
 
     async def fail_after_4mib(sent: int) -> None:
@@ -95,6 +100,8 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     await _generations_done(client)
+    errors = [r.name for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["gitcache.snapshot.service"]  # logged once, where it happened
     assert not any((state_dir / "spool").iterdir())
     assert not any((state_dir / "tmp").iterdir())
     assert not (state_dir / "cache").joinpath("example.test").exists()
@@ -107,9 +114,12 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 async def test_curl_fails_on_an_aborted_stream(
-    client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch,
+    client: Any,
+    upstream: Upstream,
+    big_work: Path,
+    monkeypatch: pytest.MonkeyPatch,
     scratch: Path,
-) -> None:  # fmt: skip
+) -> None:
     upstream.create("big", big_work)
 
     async def fail_at_once(sent: int) -> None:

@@ -15,9 +15,12 @@ from tests.upstream import Upstream
 
 
 async def test_shutdown_mid_generation(
-    make_client: Any, upstream: Upstream, big_work: Path, state_dir: Path,
+    make_client: Any,
+    upstream: Upstream,
+    big_work: Path,
+    state_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     upstream.create("big", big_work)
 
     async def slowly(sent: int) -> None:

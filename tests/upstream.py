@@ -61,9 +61,13 @@ class Upstream:
         }
         body = await request.read()  # aiohttp already undid any Content-Encoding
         proc = await asyncio.create_subprocess_exec(
-            "git", "http-backend", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            "git",
+            "http-backend",
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         out, _ = await proc.communicate(body)
         head, _, payload = out.partition(b"\r\n\r\n")
         status, headers = 200, {}

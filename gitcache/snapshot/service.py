@@ -268,6 +268,7 @@ class SnapshotService:
         generation.open_spool()
         self._generations[(repo, key)] = generation
         self.generations_started += 1
+        self._metrics.generations_started.inc()
         self._tasks.spawn(
             self._generate(repo, mirror, spec, checkout, generation, writer),
             name=f"generate:{repo.name}:{key}",

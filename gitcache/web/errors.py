@@ -12,11 +12,6 @@ from gitcache.errors import GitcacheError, Overloaded, RangeNotSatisfiable, Unau
 log = logging.getLogger(__name__)
 
 
-class StreamAborted(Exception):
-    """A response was already under way when it failed: the connection is cut without
-    the final chunk, so that ``curl -f`` fails rather than keep a truncated file."""
-
-
 def json_error(status: int, message: str, code: str) -> web.Response:
     return web.json_response({"error": message, "code": code}, status=status)
 
@@ -41,8 +36,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code = exc.reason.lower().replace(" ", "_")
         return json_error(exc.status, exc.reason, code)
-    except (StreamAborted, ConnectionError):
-        raise  # headers are out: aiohttp closes the connection mid-body
+    except ConnectionError:
+        raise  # the client is gone: nobody to answer
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal error", "internal_error")

@@ -31,7 +31,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = "aborted"  # unless a response comes back: the stream was cut
     try:
         response = await handler(request)
-        status = str(response.status)
+        status = "aborted" if info.get("aborted") else str(response.status)
         return response
     finally:
         elapsed = time.monotonic() - started

@@ -16,7 +16,6 @@ from gitcache.repo import RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import Hit, Stream
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
-from gitcache.web.errors import StreamAborted
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +126,24 @@ async def _send_hit(
         _first_byte(request, hit.source)
         try:
             await _send_range(request, response, hit, plan.start, plan.length)
-        except OSError as exc:
-            raise StreamAborted(str(exc)) from exc
+        except OSError:  # the client went away mid-file
+            return _cut(request, response)
         request[keys.REQUEST_INFO]["bytes"] = plan.length
         await response.write_eof()
         return response
     finally:
         await reader.close()
+
+
+def _cut(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """End a response that is under way abnormally: the connection is closed before the
+    final chunk (or before Content-Length bytes), so ``curl -f`` fails rather than keep a
+    truncated file. aiohttp's own write of the end then meets a closed transport, which it
+    takes quietly: the failure is logged once, where it happened."""
+    if request.transport is not None:
+        request.transport.abort()
+    request[keys.REQUEST_INFO]["aborted"] = True
+    return response
 
 
 def _first_byte(request: web.Request, source: str) -> None:
@@ -179,8 +189,10 @@ async def _send_stream(
             async for chunk in body:
                 await response.write(chunk)
                 info["bytes"] += len(chunk)
-        except GitcacheError as exc:
-            raise StreamAborted(exc.message) from exc
+        except GitcacheError:  # the generation failed (it logs why, once)
+            return _cut(request, response)
+        except OSError:  # the client went away
+            return _cut(request, response)
         await response.write_eof()
         return response
     finally:
