@@ -128,13 +128,22 @@ class MirrorStore:
         its last fetch is older than ``max_age`` (default: the configured window)."""
         mirror = self.mirror(repo)
         window = self._config.mirrors.fetch_interval if max_age is None else max_age
-        if mirror.refs is not None and self._clock() - mirror.fetched_at < window:
-            return mirror
-        waited = time.monotonic()
+        asked, waited = self._clock(), time.monotonic()
+        updated = False
         try:
-            return await self._updates.run(repo, lambda: self._update(mirror, window))
+            for attempt in range(2):
+                if mirror.refs is not None and self._clock() - mirror.fetched_at < window:
+                    break
+                updated = True
+                await self._updates.run(repo, lambda: self._update(mirror, window))
+                # The update joined may have been started for a wider window (only loading
+                # refs, say): one more, which this caller's window then decides.
+                if mirror.fetched_at >= asked or attempt:
+                    break
         finally:
-            self._metrics.upstream_wait.observe(time.monotonic() - waited)
+            if updated:
+                self._metrics.upstream_wait.observe(time.monotonic() - waited)
+        return mirror
 
     async def _update(self, mirror: Mirror, window: float) -> Mirror:
         if not (mirror.path / "HEAD").exists():
