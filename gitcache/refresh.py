@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 from gitcache.config import Config
@@ -74,6 +75,9 @@ class Refresher:
         self._path = config.server.state_dir / STATE_FILE
         self._tasks = tasks
         self._jobs: Coalescer[None] = Coalescer(tasks)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._evict_after = config.mirrors.evict_after
+        metrics.refresh_queue.set_function(lambda: len(self._pending))
         self._slots = asyncio.Semaphore(self._cfg.concurrency)
         self.repos: dict[RepoRef, RepoState] = {}
         self._saved = ""  # what the state file holds, so an idle tick writes nothing
@@ -90,7 +94,7 @@ class Refresher:
                 self.repos[RepoRef(host, path)] = RepoState(**raw)
         now = self._clock()
         for repo in self.pinned:
-            state = self.repos.setdefault(repo, RepoState(refs=["HEAD"]))
+            state = self.repos.setdefault(repo, RepoState(refs=["HEAD"], last_maintenance=now))
             if "HEAD" not in state.refs:
                 state.refs.append("HEAD")
             if not (self._mirrors.mirror(repo).path / "HEAD").exists():
@@ -111,7 +115,10 @@ class Refresher:
         now = self._clock()
         state = self.repos.get(repo)
         if state is None:
-            state = self.repos[repo] = RepoState(next_run=now + self._interval())
+            # A fresh clone needs no maintenance: its first is an interval away.
+            state = self.repos[repo] = RepoState(
+                next_run=now + self._interval(), last_maintenance=now
+            )
         state.last_requested = now
         if ref not in state.refs:
             state.refs.append(ref)
@@ -126,25 +133,54 @@ class Refresher:
 
     # --- jobs --------------------------------------------------------------------------
 
-    async def run_due(self) -> None:
-        """Run every refresh that is due, and the sweep; return when all are done."""
+    def tick(self) -> None:
+        """Start whatever is due, in the background: refreshes, mirror maintenance and
+        evictions. Each runs as a job of its own (one per repository and kind at a time,
+        at most ``refresh.concurrency`` at once), so one slow fetch or repack never holds
+        up the others or the next tick."""
         now = self._clock()
-        due = [
-            repo
-            for repo, state in self.repos.items()
-            if state.next_run <= now and self._active(repo, state, now)
-        ]
-        self._metrics.refresh_queue.set(len(due))
-        await asyncio.gather(*(self.refresh(repo) for repo in due))
-        self._metrics.refresh_queue.set(0)
-        await self._sweep(now)
-        await self._pinned_ages(now)
+        maintenance_interval = self._config.mirrors.maintenance_interval
+        for repo, state in list(self.repos.items()):
+            if repo not in self.pinned and now - state.last_requested > self._evict_after:
+                self._start("evict", repo, functools.partial(self._evict, repo))
+                continue
+            if state.next_run <= now and self._active(repo, state, now):
+                self._start("refresh", repo, functools.partial(self._refresh, repo))
+            if now - state.last_maintenance > maintenance_interval:
+                # The mirror's write lock orders it with a refresh of the same repository.
+                state.last_maintenance = now
+                self._start("maintain", repo, functools.partial(self._maintain, repo))
+
+    async def settle(self) -> None:
+        """Until every job started so far has finished."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def run_due(self) -> None:
+        """Start what is due and wait for all of it (tests drive time this way)."""
+        self.tick()
+        await self.settle()
+        await self._after_tick()
+
+    async def _after_tick(self) -> None:
+        await self._pinned_ages(self._clock())
         await run_blocking(self.save)
+
+    def _start(self, kind: str, repo: RepoRef, work: Callable[[], Awaitable[None]]) -> None:
+        key = (kind, repo)
+        if self._jobs.running(key):
+            return
+        task = self._tasks.spawn(self._jobs.run(key, work), name=f"{kind}:{repo.name}")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def refresh(self, repo: RepoRef) -> None:
         """Refresh one repository now (or join the refresh already running)."""
-        self.repos.setdefault(repo, RepoState(refs=["HEAD"], last_requested=self._clock()))
-        await self._jobs.run(repo, lambda: self._refresh(repo))
+        now = self._clock()
+        self.repos.setdefault(
+            repo, RepoState(refs=["HEAD"], last_requested=now, last_maintenance=now)
+        )
+        await self._jobs.run(("refresh", repo), lambda: self._refresh(repo))
 
     def trigger(self, repo: RepoRef) -> None:
         """Refresh ``repo`` now, in the background (a webhook, an admin request)."""
@@ -184,17 +220,15 @@ class Refresher:
                 state.next_run = started + self._interval()
             state.last_run = started
 
-    async def _sweep(self, now: float) -> None:
-        evict_after = self._config.mirrors.evict_after
-        for repo, state in list(self.repos.items()):
-            if repo not in self.pinned and now - state.last_requested > evict_after:
-                await self._mirrors.delete(self._mirrors.mirror(repo))
-                del self.repos[repo]
-            elif now - state.last_maintenance > self._config.mirrors.maintenance_interval:
-                mirror = self._mirrors.mirror(repo)
-                if (mirror.path / "HEAD").exists():
-                    await self._upkeep.maintain(mirror)
-                state.last_maintenance = now
+    async def _evict(self, repo: RepoRef) -> None:
+        await self._mirrors.delete(self._mirrors.mirror(repo))
+        self.repos.pop(repo, None)
+
+    async def _maintain(self, repo: RepoRef) -> None:
+        mirror = self._mirrors.mirror(repo)
+        if (mirror.path / "HEAD").exists():
+            async with self._slots:
+                await self._upkeep.maintain(mirror)
 
     async def _pinned_ages(self, now: float) -> None:
         """Per-repository labels only for pinned repositories: bounded cardinality."""
@@ -207,9 +241,10 @@ class Refresher:
         """The background loop: a look every second at what is due."""
         while True:
             try:
-                await self.run_due()
+                self.tick()
+                await self._after_tick()
             except Exception:
-                log.exception("refresh sweep failed")
+                log.exception("refresh tick failed")
             await asyncio.sleep(TICK)
 
 
