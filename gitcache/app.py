@@ -11,7 +11,9 @@ from aiohttp import web
 
 from gitcache import keys
 from gitcache.auth import Passthrough, Tokens
+from gitcache.cache.base import Cache
 from gitcache.cache.disk import DiskCache
+from gitcache.cache.s3 import S3Cache
 from gitcache.config import Config
 from gitcache.health import Health
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -73,7 +75,11 @@ def create_app(
         await app[keys.TASKS].close()
 
     async def disk_cache(app: web.Application) -> AsyncIterator[None]:
-        cache = DiskCache(state / "cache", config.cache.disk.max_size, app[keys.METRICS])
+        cache: Cache
+        if config.cache.backend == "s3":
+            cache = S3Cache(config.cache.s3, app[keys.METRICS])
+        else:
+            cache = DiskCache(state / "cache", config.cache.disk.max_size, app[keys.METRICS])
         await cache.start()
         app[keys.CACHE] = cache
         yield

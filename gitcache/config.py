@@ -59,6 +59,10 @@ DEFAULT_AUTH_TTL = 60.0
 DEFAULT_MAX_GENERATIONS = 16
 DEFAULT_MAX_CLIENTS_PER_GENERATION = 256
 DEFAULT_DISK_MIN_FREE = 1024**3
+DEFAULT_S3_REGION = "us-east-1"
+DEFAULT_S3_PART_SIZE = 64 * 1024**2
+DEFAULT_S3_UPLOAD_CONCURRENCY = 4
+MIN_S3_PART_SIZE = 5 * 1024**2  # S3's own minimum for every part but the last
 
 ENV_CONFIG = "GITCACHE_CONFIG"
 ENV_PREFIX = "GITCACHE_"
@@ -126,6 +130,19 @@ class DiskCacheConfig:
 
 
 @dataclass(frozen=True)
+class S3CacheConfig:
+    """Credentials come from the standard AWS chain (environment, profile, instance
+    role), never from this file."""
+
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str = ""
+    region: str = DEFAULT_S3_REGION
+    part_size: int = DEFAULT_S3_PART_SIZE
+    upload_concurrency: int = DEFAULT_S3_UPLOAD_CONCURRENCY
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     tokens_file: str = ""
 
@@ -135,6 +152,7 @@ class CacheConfig:
     backend: str = "disk"
     keep: int = DEFAULT_KEEP
     disk: DiskCacheConfig = field(default_factory=DiskCacheConfig)
+    s3: S3CacheConfig = field(default_factory=S3CacheConfig)
 
 
 @dataclass(frozen=True)
@@ -208,7 +226,15 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "pinned": parse_repo_list,
     },
     "snapshot": {"zstd_level": parse_int(-7, 22), "zstd_threads": parse_int(-1, 64)},
-    "cache": {"backend": parse_choice("disk"), "keep": parse_int(1, 1000)},
+    "cache": {"backend": parse_choice("disk", "s3"), "keep": parse_int(1, 1000)},
+    "cache.s3": {
+        "bucket": parse_str,
+        "prefix": lambda v: str(v) if isinstance(v, str) else parse_str(v),
+        "endpoint_url": parse_str,
+        "region": parse_str,
+        "part_size": parse_size,
+        "upload_concurrency": parse_int(1, 64),
+    },
     "cache.disk": {"max_size": parse_size, "min_free": parse_size},
     "auth": {"tokens_file": parse_str},
     "log": {"level": parse_level, "format": parse_choice("text", "json")},
@@ -307,6 +333,11 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
     if not isinstance(cache_table, dict):
         raise ConfigError("cache: expected a table")
     disk = _build(DiskCacheConfig, "cache.disk", cache_table.get("disk", {}))
+    s3 = _build(S3CacheConfig, "cache.s3", cache_table.get("s3", {}))
+    if cache_table.get("backend") == "s3" and not s3.bucket:
+        raise ConfigError('cache.s3.bucket: required with backend = "s3"')
+    if s3.part_size < MIN_S3_PART_SIZE:
+        raise ConfigError("cache.s3.part_size: must be at least 5MiB (S3's minimum)")
     upstreams: dict[str, UpstreamConfig] = {}
     raw_upstreams = data.get("upstreams", {})
     if not isinstance(raw_upstreams, dict):
@@ -350,7 +381,7 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         server=_build(ServerConfig, "server", data.get("server", {})),
         mirrors=_build(MirrorsConfig, "mirrors", data.get("mirrors", {})),
         snapshot=_build(SnapshotConfig, "snapshot", data.get("snapshot", {})),
-        cache=_build(CacheConfig, "cache", cache_table, disk=disk),
+        cache=_build(CacheConfig, "cache", cache_table, disk=disk, s3=s3),
         log=_build(LogConfig, "log", data.get("log", {})),
         upstreams=upstreams,
     )
@@ -374,6 +405,7 @@ def dump_config(config: Config) -> str:
     emit("snapshot", config.snapshot)
     emit("cache", config.cache)
     emit("cache.disk", config.cache.disk)
+    emit("cache.s3", config.cache.s3)
     emit("log", config.log)
     emit("refresh", config.refresh)
     emit("auth", config.auth)

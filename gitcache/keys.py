@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gitcache.auth import Passthrough, Tokens
-from gitcache.cache.disk import DiskCache
+from gitcache.cache.base import Cache
 from gitcache.config import Config
 from gitcache.health import Health
 from gitcache.metrics import Metrics
@@ -24,7 +24,7 @@ PASSTHROUGH = web.AppKey("passthrough", Passthrough)
 METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskSet)
 MIRRORS = web.AppKey("mirrors", MirrorStore)
-CACHE = web.AppKey("cache", DiskCache)
+CACHE: web.AppKey[Cache] = web.AppKey("cache")
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
 REFRESHER = web.AppKey("refresher", Refresher)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")

@@ -114,6 +114,17 @@ class Metrics:
         self.cache_evictions = Counter(
             "gitcache_cache_evictions_total", "Entries evicted for space.", ["tier"], registry=r
         )
+        self.s3_errors = Counter(
+            "gitcache_s3_errors_total",
+            "S3 requests that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.manifest_conflicts = Counter(
+            "gitcache_manifest_conflicts_total",
+            "Manifest writes that lost a race with another writer and were retried.",
+            registry=r,
+        )
         self.disk_low_space = Gauge(
             "gitcache_disk_low_space",
             "1 while free space is below cache.disk.min_free: the disk tier is not filled.",

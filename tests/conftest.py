@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -23,6 +29,12 @@ Path(_GIT_HOME, "gitconfig").write_text(
 )
 os.environ["GIT_CONFIG_GLOBAL"] = str(Path(_GIT_HOME, "gitconfig"))
 os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+# The S3 test server accepts any credentials; the code finds them the standard way.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+)
+for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    os.environ.pop(_proxy, None)
 
 HOST = "example.test"
 
@@ -55,6 +67,40 @@ def rich_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server: moto in server mode, its own process on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(url + "/moto-api/", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("the S3 test server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    name = f"gitcache-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
 def big_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 MB of incompressible files: a snapshot stream that lasts long enough to be
     interrupted, slowed down or shut down in the middle."""
@@ -84,9 +130,11 @@ async def make_client(
     async def start(
         clock: Callable[[], float] = time.time,
         background: bool = True,
+        state: Path | None = None,
         **sections: dict[str, Any],
     ) -> TestClient[web.Request, web.Application]:
-        config = make_config(state_dir, upstream, **sections)
+        """``state``: another state directory (a second replica)."""
+        config = make_config(state or state_dir, upstream, **sections)
         app = create_app(config, clock=clock, background=background)
         return await aiohttp_client(app)  # type: ignore[no-any-return]
 

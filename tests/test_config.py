@@ -99,3 +99,14 @@ def test_check_config_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert missing.returncode == 2 and "cannot read config file" in missing.stderr
+
+
+def test_s3_settings() -> None:
+    with pytest.raises(ConfigError, match=r"cache\.s3\.bucket: required"):
+        config_from_dict({**UPSTREAMS, "cache": {"backend": "s3"}})
+    with pytest.raises(ConfigError, match=r"cache\.s3\.part_size: must be at least 5MiB"):
+        config_from_dict({**UPSTREAMS, "cache": {"s3": {"part_size": "1MiB"}}})
+    config = config_from_dict(
+        {**UPSTREAMS, "cache": {"backend": "s3", "s3": {"bucket": "b", "part_size": "8MiB"}}}
+    )
+    assert config.cache.s3.part_size == 8 * 1024**2

@@ -28,7 +28,7 @@ ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
 
 
 def metric_names(text: str) -> set[str]:
-    return set(re.findall(r"\bgitcache_[a-z_]+", text))
+    return set(re.findall(r"\bgitcache_[a-z0-9_]+", text))
 
 
 def exported(name: str, exposition: str) -> bool:

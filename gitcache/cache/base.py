@@ -58,6 +58,14 @@ class Reader(Protocol):
 
 
 class Cache(Protocol):
+    async def start(self) -> None:
+        """Open what the tier needs; clean up what a previous process left half-done."""
+
+    def repos(self) -> list[RepoRef]:
+        """Repositories this tier is known to hold (for the admin API)."""
+
+    async def entries(self, repo: RepoRef) -> tuple[Entry, ...]: ...
+
     async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
         """The most recently created entry for ``ref``: one manifest read."""
 
@@ -74,5 +82,8 @@ class Cache(Protocol):
 
     async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
         """Delete all but the ``keep`` newest entries for ``ref``."""
+
+    async def delete(self, repo: RepoRef, *keys: str) -> None:
+        """Remove entries: from the manifest first, so nothing serves them meanwhile."""
 
     async def close(self) -> None: ...

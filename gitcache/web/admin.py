@@ -72,7 +72,7 @@ async def _describe(app: web.Application, repo: RepoRef) -> dict[str, Any]:
                 "created": e.created,
                 "age_seconds": round(now - e.created),
                 "fetched_at": e.fetched_at,
-                "tiers": ["disk"],
+                "tiers": [app[keys.CONFIG].cache.backend],
             }
             for e in sorted(entries, key=lambda e: e.created, reverse=True)
         ],

@@ -79,7 +79,7 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     info = request[keys.REQUEST_INFO]
     info.update(source=result.source, commit=result.commit)
     metrics = request.app[keys.METRICS]
-    tier = "disk" if isinstance(result, Hit) else "spool"
+    tier = config.cache.backend if isinstance(result, Hit) else "spool"
     metrics.snapshot_responses.labels(result.source, tier).inc()
     try:
         if isinstance(result, Hit):

@@ -1,0 +1,189 @@
+"""The cache protocol, the same tests for every tier (disk, and S3 against a real
+S3-compatible server process), plus what only S3 has: manifest races between writers,
+aborted uploads, the listing fallback, replicas sharing a bucket, and S3 being down."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from gitcache.cache.base import Cache, Entry
+from gitcache.cache.disk import DiskCache
+from gitcache.cache.s3 import S3Cache
+from gitcache.config import S3CacheConfig
+from gitcache.errors import GenerationFailed
+from gitcache.metrics import Metrics
+from gitcache.repo import RepoRef
+from tests.helpers import HOST, snapshot_url
+
+REPO = RepoRef(HOST, "group/repo")
+
+
+def s3_config(endpoint: str, bucket: str, **kwargs: Any) -> S3CacheConfig:
+    return S3CacheConfig(bucket=bucket, endpoint_url=endpoint, prefix="snapshots/", **kwargs)
+
+
+@pytest.fixture(params=["disk", "s3"])
+async def tier(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> AsyncIterator[Cache]:
+    cache: Cache
+    if request.param == "disk":
+        cache = DiskCache(tmp_path / "cache", 1024**3, Metrics())
+    else:
+        cache = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
+    await cache.start()
+    yield cache
+    await cache.close()
+
+
+def spool(tmp_path: Path, name: str, size: int) -> tuple[Path, str]:
+    path = tmp_path / f"{name}.partial"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def entry(key: str, ref: str, size: int, sha256: str, created: float) -> Entry:
+    return Entry(
+        key=key,
+        ref=ref,
+        commit="c" * 40,
+        refs_digest="d" * 64,
+        size=size,
+        sha256=sha256,
+        created=created,
+        fetched_at=created,
+    )
+
+
+async def read_all(cache: Cache, e: Entry, offset: int = 0, length: int | None = None) -> bytes:
+    reader = await cache.open(REPO, e)
+    assert reader is not None
+    try:
+        if reader.file is not None:
+            reader.file.seek(offset)
+            return reader.file.read(e.size - offset if length is None else length)
+        chunks = [
+            c async for c in reader.chunks(offset, e.size - offset if length is None else length)
+        ]
+        return b"".join(chunks)
+    finally:
+        await reader.close()
+
+
+async def test_commit_lookup_read_prune_delete(tier: Cache, tmp_path: Path) -> None:
+    size = 11 * 1024 * 1024  # three parts of 5 MiB on S3
+    made = []
+    for i in range(3):
+        path, digest = spool(tmp_path, f"s{i}", size)
+        data = path.read_bytes()
+        e = entry(f"key{i}", "HEAD", size, digest, time.time() + i)
+        await tier.commit(REPO, path, e)
+        made.append((e, data))
+    newest = await tier.newest(REPO, "HEAD")
+    assert newest == made[-1][0]
+    assert await tier.get(REPO, "key0") == made[0][0]
+    assert await tier.newest(REPO, "other") is None
+    assert await read_all(tier, made[1][0]) == made[1][1]
+    assert await read_all(tier, made[1][0], 1000, 5000) == made[1][1][1000:6000]
+
+    await tier.touch(REPO, made[2][0], made[2][0].fetched_at + 100)
+    touched = await tier.get(REPO, "key2")
+    assert touched is not None and touched.fetched_at == made[2][0].fetched_at + 100
+
+    await tier.prune(REPO, "HEAD", 2)
+    assert await tier.get(REPO, "key0") is None
+    assert await tier.open(REPO, made[0][0]) is None
+    assert {e.key for e in await tier.entries(REPO)} == {"key1", "key2"}
+    await tier.delete(REPO, "key1")
+    assert [e.key for e in await tier.entries(REPO)] == ["key2"]
+
+
+async def test_manifest_race_between_two_writers_loses_nothing(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    writers = [S3Cache(s3_config(s3_endpoint, s3_bucket), metrics) for _ in range(2)]
+    for writer in writers:
+        await writer.start()
+    jobs = []
+    for i in range(12):
+        path, digest = spool(tmp_path, f"r{i}", 1024)
+        jobs.append(writers[i % 2].commit(REPO, path, entry(f"k{i}", f"ref{i}", 1024, digest, i)))
+    await asyncio.gather(*jobs)
+    keys = {e.key for e in await writers[0].entries(REPO)}
+    assert keys == {f"k{i}" for i in range(12)}
+    for writer in writers:
+        await writer.close()
+
+
+async def test_failed_upload_leaves_nothing_visible(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    cache = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
+    await cache.start()
+    path, _ = spool(tmp_path, "bad", 12 * 1024 * 1024)
+    wrong = entry("bad", "HEAD", 12 * 1024 * 1024, "0" * 64, 1.0)  # sha256 does not match
+    with pytest.raises(GenerationFailed):
+        await cache.commit(REPO, path, wrong)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    await cache.close()
+
+
+async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/crashed.tar.zst")
+    cache = S3Cache(s3_config(s3_endpoint, s3_bucket), Metrics())
+    await cache.start()
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+    path, digest = spool(tmp_path, "x", 4096)
+    e = entry("kept", "HEAD", 4096, digest, 5.0)
+    await cache.commit(REPO, path, e)
+    s3.delete_object(Bucket=s3_bucket, Key=f"snapshots/{HOST}/group%2Frepo/manifest.json")
+    assert await cache.newest(REPO, "HEAD") == e  # found by listing the prefix
+    await cache.close()
+
+
+async def test_replicas_share_a_bucket(
+    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    first = await make_client(cache=cache)
+    miss = await first.get(snapshot_url(rich))
+    body = await miss.read()
+    assert miss.headers["X-Gitcache-Source"] == "miss"
+    hit = await first.get(snapshot_url(rich))
+    assert hit.headers["X-Gitcache-Source"] == "hit"
+    assert await hit.read() == body
+    ranged = await first.get(snapshot_url(rich), headers={"Range": "bytes=10-19"})
+    assert ranged.status == 206 and await ranged.read() == body[10:20]
+
+    replica = await make_client(state=tmp_path / "replica-b", cache=cache)
+    response = await replica.get(snapshot_url(rich))
+    assert response.headers["X-Gitcache-Source"] == "hit"  # made by the other replica
+    assert await response.read() == body
+
+
+async def test_s3_down_misses_still_stream(make_client: Any, rich: str) -> None:
+    cache = {"backend": "s3", "s3": {"bucket": "nowhere", "endpoint_url": "http://127.0.0.1:9"}}
+    client = await make_client(cache=cache)
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 200
+    assert response.headers["X-Gitcache-Source"] == "miss"
+    await response.read()
+    metrics = await (await client.get("/metrics")).text()
+    assert "gitcache_s3_errors_total" in metrics and 'operation="get_manifest"' in metrics
