@@ -14,6 +14,7 @@ from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.base import Cache
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
+from gitcache.cache.tiered import TieredCache
 from gitcache.config import Config
 from gitcache.health import Health
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -75,11 +76,15 @@ def create_app(
         await app[keys.TASKS].close()
 
     async def disk_cache(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[keys.METRICS]
         cache: Cache
         if config.cache.backend == "s3":
-            cache = S3Cache(config.cache.s3, app[keys.METRICS])
+            cache = S3Cache(config.cache.s3, metrics)
         else:
-            cache = DiskCache(state / "cache", config.cache.disk.max_size, app[keys.METRICS])
+            cache = DiskCache(state / "cache", config.cache.disk.max_size, metrics)
+            if config.cache.backend == "tiered":
+                s3 = S3Cache(config.cache.s3, metrics)
+                cache = TieredCache(cache, s3, app[keys.TASKS], state / "spool")
         await cache.start()
         app[keys.CACHE] = cache
         yield

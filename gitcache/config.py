@@ -226,7 +226,7 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "pinned": parse_repo_list,
     },
     "snapshot": {"zstd_level": parse_int(-7, 22), "zstd_threads": parse_int(-1, 64)},
-    "cache": {"backend": parse_choice("disk", "s3"), "keep": parse_int(1, 1000)},
+    "cache": {"backend": parse_choice("disk", "s3", "tiered"), "keep": parse_int(1, 1000)},
     "cache.s3": {
         "bucket": parse_str,
         "prefix": lambda v: str(v) if isinstance(v, str) else parse_str(v),
@@ -334,8 +334,9 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
         raise ConfigError("cache: expected a table")
     disk = _build(DiskCacheConfig, "cache.disk", cache_table.get("disk", {}))
     s3 = _build(S3CacheConfig, "cache.s3", cache_table.get("s3", {}))
-    if cache_table.get("backend") == "s3" and not s3.bucket:
-        raise ConfigError('cache.s3.bucket: required with backend = "s3"')
+    backend = cache_table.get("backend")
+    if backend in ("s3", "tiered") and not s3.bucket:
+        raise ConfigError(f"cache.s3.bucket: required with backend = {backend!r}")
     if s3.part_size < MIN_S3_PART_SIZE:
         raise ConfigError("cache.s3.part_size: must be at least 5MiB (S3's minimum)")
     upstreams: dict[str, UpstreamConfig] = {}

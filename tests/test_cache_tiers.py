@@ -36,10 +36,9 @@ async def tier(
     request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, s3_bucket: str
 ) -> AsyncIterator[Cache]:
     cache: Cache
-    if request.param == "disk":
-        cache = DiskCache(tmp_path / "cache", 1024**3, Metrics())
-    else:
-        cache = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
+    disk = DiskCache(tmp_path / "cache", 1024**3, Metrics())
+    s3 = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
+    cache = disk if request.param == "disk" else s3
     await cache.start()
     yield cache
     await cache.close()
@@ -176,6 +175,40 @@ async def test_replicas_share_a_bucket(
     response = await replica.get(snapshot_url(rich))
     assert response.headers["X-Gitcache-Source"] == "hit"  # made by the other replica
     assert await response.read() == body
+
+
+async def test_tiered_upload_and_fill_across_replicas(
+    make_client: Any,
+    rich: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+    state_dir: Path,
+) -> None:
+    cache = {"backend": "tiered", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    first = await make_client(cache=cache)
+    body = await (await first.get(snapshot_url(rich))).read()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for _ in range(100):  # the upload runs in the background, after the disk commit
+        if s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the snapshot never reached S3")
+
+    replica_state = tmp_path / "replica-b"
+    replica = await make_client(state=replica_state, cache=cache)
+    from_s3 = await replica.get(snapshot_url(rich))
+    assert from_s3.headers["X-Gitcache-Source"] == "hit"
+    assert await from_s3.read() == body
+    for _ in range(100):  # committed just after the last byte went out
+        filled = list((replica_state / "cache").rglob("*.tar.zst"))
+        if filled:
+            break
+        await asyncio.sleep(0.05)
+    assert len(filled) == 1 and filled[0].read_bytes() == body  # verified, then committed
+    again = await replica.get(snapshot_url(rich))
+    assert await again.read() == body
 
 
 async def test_s3_down_misses_still_stream(make_client: Any, rich: str) -> None:

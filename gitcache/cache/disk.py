@@ -86,6 +86,9 @@ class DiskCache:
     def _dir(self, repo: RepoRef) -> Path:
         return self.root / repo.host / repo.slug
 
+    def path_of(self, repo: RepoRef, key: str) -> Path:
+        return self._path(repo, key)
+
     def _path(self, repo: RepoRef, key: str) -> Path:
         return self._dir(repo) / f"{key}{SUFFIX}"
 

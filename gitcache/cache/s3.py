@@ -21,7 +21,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aioboto3
 from aiobotocore.config import AioConfig
@@ -237,7 +237,12 @@ class S3Cache:
 
     async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
         """Upload the verified spool (which stays where it is), then list it."""
-        await self._upload(self._object(repo, entry.key), spool, entry)
+        with spool.open("rb") as file:
+            await self.commit_file(repo, file, entry)
+
+    async def commit_file(self, repo: RepoRef, file: BinaryIO, entry: Entry) -> None:
+        """Upload an open snapshot file: the object first, the manifest last."""
+        await self._upload(self._object(repo, entry.key), file, entry)
         await self._update_manifest(repo, lambda m: m.with_entry(entry))
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
@@ -260,7 +265,7 @@ class S3Cache:
 
     # --- upload -----------------------------------------------------------------------
 
-    async def _upload(self, name: str, path: Path, entry: Entry) -> None:
+    async def _upload(self, name: str, file: BinaryIO, entry: Entry) -> None:
         """Multipart upload with ``upload_concurrency`` parts in flight: memory stays within
         ``part_size * upload_concurrency`` whatever the size of the snapshot."""
         meta = base64.b64encode(json.dumps(entry.to_json()).encode()).decode()
@@ -275,7 +280,7 @@ class S3Cache:
             raise self._failed("create_upload", exc) from exc
         upload_id = created["UploadId"]
         try:
-            parts = await self._upload_parts(name, upload_id, path, entry)
+            parts = await self._upload_parts(name, upload_id, file, entry)
             await self._client.complete_multipart_upload(
                 Bucket=self._bucket,
                 Key=name,
@@ -292,7 +297,7 @@ class S3Cache:
             raise
 
     async def _upload_parts(
-        self, name: str, upload_id: str, path: Path, entry: Entry
+        self, name: str, upload_id: str, file: BinaryIO, entry: Entry
     ) -> list[dict[str, Any]]:
         slots = asyncio.Semaphore(self._config.upload_concurrency)
         digest = hashlib.sha256()
@@ -318,15 +323,14 @@ class S3Cache:
             return data
 
         try:
-            with path.open("rb") as f:
-                while True:
-                    await slots.acquire()
-                    data = await asyncio.to_thread(read_part, f)
-                    if not data:
-                        slots.release()
-                        break
-                    size += len(data)
-                    tasks.append(asyncio.ensure_future(send(len(tasks) + 1, data)))
+            while True:
+                await slots.acquire()
+                data = await asyncio.to_thread(read_part, file)
+                if not data:
+                    slots.release()
+                    break
+                size += len(data)
+                tasks.append(asyncio.ensure_future(send(len(tasks) + 1, data)))
             parts = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:

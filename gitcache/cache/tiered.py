@@ -1,0 +1,146 @@
+"""Disk in front of S3: hits from local disk when they can be, from the shared bucket when
+not, and every snapshot ends up in both.
+
+- A new snapshot is committed to disk at once (its clients see the end of their stream
+  right after) and uploaded to S3 in the background from the committed file.
+- An S3 hit streams to the client while it fills the disk tier: the bytes are teed into a
+  spool, hashed, and committed to disk only if the whole object arrived and its sha256
+  matches the entry. A partial or ranged read fills nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+from gitcache.cache.base import Entry, Reader
+from gitcache.cache.disk import DiskCache
+from gitcache.cache.s3 import S3Cache, S3Error
+from gitcache.repo import RepoRef
+from gitcache.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+
+class FillingReader:
+    """An S3 reader that also fills the disk tier when read from start to end."""
+
+    file = None
+
+    def __init__(self, inner: Reader, fill: TieredCache, repo: RepoRef) -> None:
+        self.entry = inner.entry
+        self._inner = inner
+        self._fill = fill
+        self._repo = repo
+
+    async def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        if offset != 0 or length != self.entry.size:
+            async for chunk in self._inner.chunks(offset, length):
+                yield chunk
+            return
+        spool = self._fill.spool_path(self._repo, self.entry)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with spool.open("wb") as out:
+                async for chunk in self._inner.chunks(offset, length):
+                    await asyncio.to_thread(out.write, chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    yield chunk
+            if size == self.entry.size and digest.hexdigest() == self.entry.sha256:
+                await self._fill.disk.commit(self._repo, spool, self.entry)
+            else:
+                log.warning("S3 object %s did not match its entry: not cached", self.entry.key)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                spool.unlink()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class TieredCache:
+    def __init__(self, disk: DiskCache, s3: S3Cache, tasks: TaskSet, spool_dir: Path) -> None:
+        self.disk = disk
+        self.s3 = s3
+        self._tasks = tasks
+        self._spool_dir = spool_dir
+
+    def spool_path(self, repo: RepoRef, entry: Entry) -> Path:
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        return self._spool_dir / f"{repo.slug}.{entry.key}.{uuid.uuid4().hex[:8]}.fill"
+
+    async def start(self) -> None:
+        await self.disk.start()
+        await self.s3.start()
+
+    async def close(self) -> None:
+        await self.s3.close()
+        await self.disk.close()
+
+    def repos(self) -> list[RepoRef]:
+        return sorted(set(self.disk.repos()) | set(self.s3.repos()), key=lambda r: r.name)
+
+    async def entries(self, repo: RepoRef) -> tuple[Entry, ...]:
+        found: dict[str, Entry] = {}
+        with contextlib.suppress(S3Error):
+            found.update((e.key, e) for e in await self.s3.entries(repo))
+        found.update((e.key, e) for e in await self.disk.entries(repo))
+        return tuple(found.values())
+
+    async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
+        candidates = [await self.disk.newest(repo, ref), await self.s3.newest(repo, ref)]
+        return max((e for e in candidates if e), key=lambda e: e.created, default=None)
+
+    async def get(self, repo: RepoRef, key: str) -> Entry | None:
+        return await self.disk.get(repo, key) or await self.s3.get(repo, key)
+
+    async def open(self, repo: RepoRef, entry: Entry) -> Reader | None:
+        if await self.disk.get(repo, entry.key) is not None:
+            reader = await self.disk.open(repo, entry)
+            if reader is not None:
+                return reader
+        try:
+            inner = await self.s3.open(repo, entry)
+        except S3Error:
+            return None
+        return FillingReader(inner, self, repo) if inner is not None else None
+
+    async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
+        await self.disk.commit(repo, spool, entry)
+        # The committed file may be evicted before the upload reads it: hold it open.
+        file = self.disk.path_of(repo, entry.key).open("rb")
+        self._tasks.spawn(self._upload(repo, file, entry), name=f"upload:{repo.name}:{entry.key}")
+
+    async def _upload(self, repo: RepoRef, file: BinaryIO, entry: Entry) -> None:
+        try:
+            with file:
+                await self.s3.commit_file(repo, file, entry)
+        except S3Error:
+            pass  # logged and counted where it happened; the disk tier has it
+        except Exception:
+            log.exception("upload of %s %s to S3 failed", repo.name, entry.key)
+
+    # S3 trouble never fails a disk operation: it is logged and counted where it happens.
+
+    async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
+        await self.disk.touch(repo, entry, fetched_at)
+        with contextlib.suppress(S3Error):
+            await self.s3.touch(repo, entry, fetched_at)
+
+    async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
+        await self.disk.prune(repo, ref, keep)
+        with contextlib.suppress(S3Error):
+            await self.s3.prune(repo, ref, keep)
+
+    async def delete(self, repo: RepoRef, *keys: str) -> None:
+        await self.disk.delete(repo, *keys)
+        with contextlib.suppress(S3Error):
+            await self.s3.delete(repo, *keys)
