@@ -62,6 +62,7 @@ DEFAULT_DISK_MIN_FREE = 1024**3
 DEFAULT_S3_REGION = "us-east-1"
 DEFAULT_S3_PART_SIZE = 64 * 1024**2
 DEFAULT_S3_UPLOAD_CONCURRENCY = 4
+DEFAULT_S3_REDIRECT_TTL = 300.0
 MIN_S3_PART_SIZE = 5 * 1024**2  # S3's own minimum for every part but the last
 
 ENV_CONFIG = "GITCACHE_CONFIG"
@@ -140,6 +141,8 @@ class S3CacheConfig:
     region: str = DEFAULT_S3_REGION
     part_size: int = DEFAULT_S3_PART_SIZE
     upload_concurrency: int = DEFAULT_S3_UPLOAD_CONCURRENCY
+    redirect: bool = False
+    redirect_ttl: float = DEFAULT_S3_REDIRECT_TTL
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "region": parse_str,
         "part_size": parse_size,
         "upload_concurrency": parse_int(1, 64),
+        "redirect": parse_bool,
+        "redirect_ttl": parse_duration,
     },
     "cache.disk": {"max_size": parse_size, "min_free": parse_size},
     "auth": {"tokens_file": parse_str},

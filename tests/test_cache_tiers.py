@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import boto3
 import pytest
 
@@ -22,6 +24,7 @@ from gitcache.config import S3CacheConfig
 from gitcache.errors import GenerationFailed
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
+from tests.conftest import free_port, start_s3_server
 from tests.helpers import HOST, snapshot_url
 
 REPO = RepoRef(HOST, "group/repo")
@@ -220,3 +223,60 @@ async def test_s3_down_misses_still_stream(make_client: Any, rich: str) -> None:
     await response.read()
     metrics = await (await client.get("/metrics")).text()
     assert "gitcache_s3_errors_total" in metrics and 'operation="get_manifest"' in metrics
+
+
+async def test_redirect_to_a_presigned_url(
+    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str
+) -> None:
+    cache = {
+        "backend": "s3",
+        "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint, "redirect": True},
+    }
+    client = await make_client(cache=cache)
+    body = await (await client.get(snapshot_url(rich))).read()
+    redirected = await client.get(snapshot_url(rich), allow_redirects=False)
+    assert redirected.status == 302
+    assert redirected.headers["X-Gitcache-Source"] == "hit"
+    location = redirected.headers["Location"]
+    assert location.startswith(s3_endpoint) and "Signature" in location
+    async with aiohttp.ClientSession() as session, session.get(location) as direct:
+        assert direct.status == 200
+        assert await direct.read() == body  # the bytes came from the bucket, not the proxy
+    ranged = await client.get(snapshot_url(rich), headers={"Range": "bytes=0-9"})
+    assert ranged.status == 206 and await ranged.read() == body[:10]
+
+
+async def test_s3_down_then_back(make_client: Any, rich: str) -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def start_s3() -> subprocess.Popen[bytes]:
+        proc = start_s3_server(port)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="gitcache-flaky"
+        )
+        return proc
+
+    server = start_s3()
+    cache = {"backend": "s3", "s3": {"bucket": "gitcache-flaky", "endpoint_url": endpoint}}
+    client = await make_client(cache=cache)
+    await (await client.get(snapshot_url(rich))).read()
+    assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
+
+    server.terminate()
+    server.wait()
+    down = await client.get(snapshot_url(rich))  # S3 is gone: a miss, streamed
+    assert down.status == 200 and down.headers["X-Gitcache-Source"] == "miss"
+    await down.read()
+    assert (await client.get("/healthz")).status == 200
+
+    server = start_s3()  # back, empty: the next miss fills it and hits follow
+    try:
+        again = await client.get(snapshot_url(rich))
+        await again.read()
+        back = await client.get(snapshot_url(rich))
+        assert back.headers["X-Gitcache-Source"] == "hit"
+        await back.read()
+    finally:
+        server.terminate()
+        server.wait()

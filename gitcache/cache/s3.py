@@ -82,6 +82,13 @@ class S3Reader:
     async def close(self) -> None:
         return None
 
+    async def presigned_url(self, ttl: float) -> str:
+        """A short-lived URL for the object itself: the bytes bypass the proxy."""
+        url: str = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": self._key}, ExpiresIn=int(ttl)
+        )
+        return url
+
 
 class S3Cache:
     def __init__(self, config: S3CacheConfig, metrics: Metrics) -> None:

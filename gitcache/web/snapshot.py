@@ -11,6 +11,7 @@ from email.utils import formatdate
 from aiohttp import web
 
 from gitcache import keys
+from gitcache.cache.s3 import S3Reader
 from gitcache.errors import BadRequest, GitcacheError
 from gitcache.repo import RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import Hit, Stream
@@ -110,6 +111,13 @@ async def _send_hit(
                 "Accept-Ranges": "bytes",
             }
         )
+        s3 = request.app[keys.CONFIG].cache.s3
+        if s3.redirect and isinstance(reader, S3Reader) and plan.status == 200:
+            # The whole object, straight from the bucket: a ranged or conditional answer
+            # stays with the proxy, which knows how to give it.
+            redirect = {k: v for k, v in headers.items() if k.startswith("X-Gitcache")}
+            redirect["Location"] = await reader.presigned_url(s3.redirect_ttl)
+            return web.Response(status=302, headers=redirect)
         if plan.status == 304:
             return web.Response(
                 status=304,
