@@ -52,6 +52,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+def _shared_bucket(cache: Cache) -> S3Cache | None:
+    """The S3 tier, when there is one: replicas coordinate through it."""
+    if isinstance(cache, S3Cache):
+        return cache
+    if isinstance(cache, TieredCache):
+        return cache.s3
+    return None
+
+
 def create_app(
     config: Config, *, clock: Callable[[], float] = time.time, background: bool = True
 ) -> web.Application:
@@ -109,6 +118,7 @@ def create_app(
             app[keys.TASKS],
             app[keys.METRICS],
             clock,
+            leases=_shared_bucket(app[keys.CACHE]),
         )
         refresh.load()
         app[keys.REFRESHER] = refresh

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
+from gitcache.cache.s3 import S3Cache
 from gitcache.config import Config
 from gitcache.errors import GitcacheError
 from gitcache.metrics import Metrics
@@ -63,9 +64,12 @@ class Refresher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        leases: S3Cache | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
+        self._leases = leases
+        self._owner = uuid.uuid4().hex  # this replica, in lease objects
         self._cfg = config.refresh
         self._mirrors = mirrors
         self._snapshots = snapshots
@@ -197,7 +201,12 @@ class Refresher:
             try:
                 await self._mirrors.ensure(repo, max_age=0)
                 generated = 0
-                for ref in list(state.refs):
+                # Replicas sharing a bucket: one of them makes and uploads the snapshots.
+                lease_ttl = self._cfg.interval
+                claimed = self._leases is None or await self._leases.claim(
+                    repo, self._owner, lease_ttl, self._clock()
+                )
+                for ref in list(state.refs) if claimed else []:
                     try:
                         generated += await self._snapshots.prepare(repo, parse_ref(_ref(ref)))
                     except GitcacheError as exc:

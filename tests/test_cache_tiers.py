@@ -17,6 +17,7 @@ import aiohttp
 import boto3
 import pytest
 
+from gitcache import keys
 from gitcache.cache.base import Cache, Entry
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
@@ -26,6 +27,7 @@ from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from tests.conftest import free_port, start_s3_server
 from tests.helpers import HOST, snapshot_url
+from tests.upstream import Upstream, agit, commit_all, git
 
 REPO = RepoRef(HOST, "group/repo")
 
@@ -280,3 +282,43 @@ async def test_s3_down_then_back(make_client: Any, rich: str) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+async def test_one_replica_wins_the_refresh_lease(
+    make_client: Any,
+    upstream: Upstream,
+    rich: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    class Clock:
+        now = 1_800_000_000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    replicas = [
+        await make_client(clock=clock, background=False, state=tmp_path / name, cache=cache)
+        for name in ("a", "b")
+    ]
+    for replica in replicas:
+        await (await replica.get(snapshot_url(rich))).read()
+    work = tmp_path / "work"
+    await agit("clone", "-q", upstream.url(rich), str(work))
+    (work / "new.txt").write_text("new\n")
+    new = commit_all(work, "new")
+    git("push", "-q", str(upstream.root / f"{rich}.git"), "HEAD:main", cwd=work)
+
+    before = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
+    clock.now += 3600
+    await asyncio.gather(*(r.app[keys.REFRESHER].run_due() for r in replicas))
+    after = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
+    assert after - before == 1  # one replica regenerated and uploaded; the other did not
+    for replica in replicas:
+        response = await replica.get(snapshot_url(rich))
+        assert response.headers["X-Gitcache-Source"] == "hit"
+        assert response.headers["X-Gitcache-Commit"] == new
+        await response.read()

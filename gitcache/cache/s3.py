@@ -207,6 +207,42 @@ class S3Cache:
             return changed
         raise self._failed("put_manifest", RuntimeError("kept conflicting"))
 
+    # --- leases -------------------------------------------------------------------------
+
+    async def claim(self, repo: RepoRef, owner: str, ttl: float, now: float) -> bool:
+        """Claim the periodic work on ``repo`` for ``ttl`` seconds, so that N replicas do
+        not all regenerate and upload the same snapshot. A lease object is created with
+        ``If-None-Match: *``, or taken over once expired with ``If-Match`` on its ETag.
+        Claims fail open: if S3 cannot say, the work is done anyway."""
+        name = f"{self._config.prefix}leases/{repo.host}/{repo.slug}.json"
+        body = json.dumps({"owner": owner, "expires": now + ttl}).encode()
+        try:
+            try:
+                await self._client.put_object(
+                    Bucket=self._bucket, Key=name, Body=body, IfNoneMatch="*"
+                )
+                return True
+            except ClientError as exc:
+                if _code(exc) not in _CONFLICT_CODES:
+                    raise
+            current = await self._client.get_object(Bucket=self._bucket, Key=name)
+            async with current["Body"] as stream:
+                held = json.loads(await stream.read())
+            if held.get("owner") != owner and float(held.get("expires", 0)) > now:
+                return False
+            await self._client.put_object(
+                Bucket=self._bucket, Key=name, Body=body, IfMatch=current["ETag"]
+            )
+            return True
+        except ClientError as exc:
+            if _code(exc) in _CONFLICT_CODES:
+                return False  # another replica took it over first
+            self._failed("lease", exc)
+            return True
+        except (BotoCoreError, ValueError) as exc:
+            self._failed("lease", exc)
+            return True
+
     # --- the protocol -----------------------------------------------------------------
 
     def repos(self) -> list[RepoRef]:
