@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.upload
 
 clean:
 	rm -rf $(VENV) .gitcache .pytest_cache .mypy_cache .ruff_cache

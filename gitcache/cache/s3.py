@@ -309,8 +309,9 @@ class S3Cache:
     # --- upload -----------------------------------------------------------------------
 
     async def _upload(self, name: str, file: BinaryIO, entry: Entry) -> None:
-        """Multipart upload with ``upload_concurrency`` parts in flight: memory stays within
-        ``part_size * upload_concurrency`` whatever the size of the snapshot."""
+        """Multipart upload with ``upload_concurrency`` parts in flight: memory grows with
+        ``part_size * upload_concurrency`` (about twice that: the SDK copies a part while it
+        signs and sends it), whatever the size of the snapshot."""
         meta = base64.b64encode(json.dumps(entry.to_json()).encode()).decode()
         try:
             created = await self._client.create_multipart_upload(
