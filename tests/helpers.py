@@ -33,6 +33,16 @@ def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None
 HOST = "example.test"
 
 
+class Clock:
+    """Injected time: tests move ``now`` by hand instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def snapshot_url(repo: str, ref: str | None = None) -> str:
     url = f"/git/{HOST}/{repo}/snapshot.tar.zst"
     return url if ref is None else f"{url}?ref={ref}"

@@ -26,7 +26,7 @@ from gitcache.errors import GenerationFailed
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from tests.conftest import free_port, start_s3_server
-from tests.helpers import HOST, snapshot_url
+from tests.helpers import HOST, Clock, snapshot_url
 from tests.upstream import Upstream, agit, commit_all, git
 
 REPO = RepoRef(HOST, "group/repo")
@@ -292,12 +292,6 @@ async def test_one_replica_wins_the_refresh_lease(
     s3_bucket: str,
     tmp_path: Path,
 ) -> None:
-    class Clock:
-        now = 1_800_000_000.0
-
-        def __call__(self) -> float:
-            return self.now
-
     clock = Clock()
     cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
     replicas = [

@@ -5,16 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import snapshot_url
+from tests.helpers import Clock, snapshot_url
 from tests.upstream import Upstream, agit, commit_all, git
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_fetch_after_the_window(

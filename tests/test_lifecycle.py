@@ -14,18 +14,10 @@ import pytest
 
 from gitcache import keys
 from gitcache.repo import RepoRef
-from tests.helpers import HOST, snapshot_url
+from tests.helpers import HOST, Clock, snapshot_url
 from tests.upstream import Upstream, agit, commit_all, git
 
 REPO = RepoRef(HOST, "group/rich")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

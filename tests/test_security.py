@@ -19,10 +19,21 @@ from hypothesis import strategies as st
 from gitcache.config import ConfigError, config_from_dict
 from gitcache.errors import BadRequest, NotFound
 from gitcache.repo import _SEGMENT, parse_ref, parse_repo
-from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
+from tests.helpers import HOST, Clock, processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
 
 TOKEN = "ghp_" + "S3cr3tT0k3n" * 3  # gitcache's own credential for the upstream
+
+
+def with_own_token(upstream: Upstream, token_file: Path, **extra: Any) -> dict[str, Any]:
+    """An upstream section for which gitcache has its own credential."""
+    own = {
+        "url": upstream.url("{repo}"),
+        "allow_private": True,
+        "username": "gitcache",
+        "token_file": str(token_file),
+    }
+    return {HOST: {**own, **extra}}
 
 
 def basic(user: str, password: str) -> str:
@@ -47,16 +58,7 @@ async def test_upstream_credentials_never_leak(
     caplog.set_level(logging.DEBUG)
     upstream.users = {"gitcache": TOKEN}
     upstream.delay = 0.3  # keep git running long enough to be looked at
-    client = await make_client(
-        upstreams={
-            HOST: {
-                "url": upstream.url("{repo}"),
-                "allow_private": True,
-                "username": "gitcache",
-                "token_file": str(token_file),
-            }
-        }
-    )
+    client = await make_client(upstreams=with_own_token(upstream, token_file))
     request = asyncio.ensure_future(client.get(snapshot_url(rich)))
     cmdlines: list[str] = []
     while not request.done():
@@ -141,27 +143,12 @@ async def test_auth_matrix(
 async def test_passthrough(
     make_client: Any, upstream: Upstream, rich: str, token_file: Path
 ) -> None:
-    class Clock:
-        now = 1_800_000_000.0
-
-        def __call__(self) -> float:
-            return self.now
-
     clock = Clock()
     upstream.users = {"gitcache": TOKEN, "alice": "alice-pw"}
     client = await make_client(
         clock=clock,
         background=False,
-        upstreams={
-            HOST: {
-                "url": upstream.url("{repo}"),
-                "allow_private": True,
-                "username": "gitcache",
-                "token_file": str(token_file),
-                "auth": "passthrough",
-                "auth_ttl": "60s",
-            }
-        },
+        upstreams=with_own_token(upstream, token_file, auth="passthrough", auth_ttl="60s"),
     )
     url = snapshot_url(rich)
     alice = {"Authorization": basic("alice", "alice-pw")}
