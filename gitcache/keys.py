@@ -30,6 +30,6 @@ REFRESHER = web.AppKey("refresher", Refresher)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 # Per request: what the handler learned (source, commit, bytes) for the log line and
-# metrics, and when the snapshot handler started (for the time to first byte).
+# metrics, and when the request arrived (for the duration and the time to first byte).
 REQUEST_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("info")
 REQUEST_STARTED = web.RequestKey("started", float)

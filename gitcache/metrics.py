@@ -151,5 +151,9 @@ class Metrics:
             registry=r,
         )
 
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 if never set): counts are kept here only."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -158,7 +158,8 @@ async def test_stale_if_error_then_5xx_past_the_limit(
     assert stale.headers["X-Gitcache-Source"] == "stale"
     assert stale.headers["X-Gitcache-Commit"] == first.headers["X-Gitcache-Commit"]
     assert stale.headers["Cache-Control"] == "max-age=0, must-revalidate"
-    assert client.app[keys.SNAPSHOTS].stale_served == 1
+    metrics = client.app[keys.METRICS]
+    assert metrics.value("gitcache_snapshot_responses_total", source="stale", tier="disk") == 1
 
     clock.now += 2 * 3600  # past stale_if_error
     failed = await client.get(snapshot_url(rich))

@@ -102,9 +102,6 @@ class MirrorStore:
         self._clock = clock
         self._mirrors: dict[RepoRef, Mirror] = {}
         self._updates: Coalescer[Mirror] = Coalescer(tasks)
-        self.clones = 0
-        self.fetches = 0
-        self.rebuilds = 0
 
     def mirror(self, repo: RepoRef) -> Mirror:
         """The in-memory handle of a repository's mirror (it may not exist on disk yet)."""
@@ -119,6 +116,14 @@ class MirrorStore:
             if stamp.exists():
                 mirror.fetched_at = stamp.stat().st_mtime
         return mirror
+
+    @property
+    def rebuilds(self) -> int:
+        return int(
+            self._metrics.value(
+                "gitcache_mirror_operations_total", operation="rebuild", result="ok"
+            )
+        )
 
     def known(self) -> list[Mirror]:
         return list(self._mirrors.values())
@@ -164,14 +169,12 @@ class MirrorStore:
             tmp.rename(mirror.path)
         finally:
             await self._remove(tmp)
-        self.clones += 1
         mirror.refs, mirror.fetched_at = refs, self._clock()
         log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
 
     @contextlib.asynccontextmanager
     async def _operation(self, operation: str, mirror: Mirror) -> AsyncIterator[None]:
-        """Count and time a mirror operation, and what it brought from the upstream."""
-        before = await asyncio.to_thread(objects_size, mirror.path)
+        """Count and time a mirror operation."""
         started = time.monotonic()
         result = "error"
         try:
@@ -180,9 +183,6 @@ class MirrorStore:
         finally:
             self._metrics.mirror_operations.labels(operation, result).inc()
             self._metrics.mirror_duration.labels(operation).observe(time.monotonic() - started)
-            grown = await asyncio.to_thread(objects_size, mirror.path) - before
-            if grown > 0:
-                self._metrics.upstream_bytes.inc(grown)
 
     async def rebuild(self, mirror: Mirror) -> None:
         """Re-clone a damaged mirror beside it and swap it in; until the swap, requests
@@ -203,7 +203,6 @@ class MirrorStore:
         finally:
             await self._remove(tmp)
             await self._remove(trash)
-        self.rebuilds += 1
 
     async def delete(self, mirror: Mirror) -> None:
         """Remove a mirror (idle too long); a generation reading it finishes first."""
@@ -235,6 +234,7 @@ class MirrorStore:
             await self._configure(tmp)
             await self._pack_refs(tmp)
             refs = await asyncio.to_thread(read_ref_state, tmp)
+            self._metrics.upstream_bytes.inc(await asyncio.to_thread(objects_size, tmp))
             (tmp / FETCH_STAMP).touch()
         except BaseException:
             await self._remove(tmp)
@@ -260,11 +260,16 @@ class MirrorStore:
             head, advertised = parse_ls_remote(listing)
             if mirror.refs is None or (head, advertised) != (mirror.refs.head, mirror.refs.refs):
                 async with mirror.lock.write():
+                    # What the upstream sent is what the object store grew by; measured
+                    # only when there is a fetch, not on every no-change refresh.
+                    before = await asyncio.to_thread(objects_size, mirror.path)
                     await run_git(
                         ["-C", git_dir, "fetch", "--prune", "--quiet", "origin"],
                         timeout=cfg.fetch_timeout,
                         env=mirror.env,
                     )
+                    grown = await asyncio.to_thread(objects_size, mirror.path) - before
+                    self._metrics.upstream_bytes.inc(max(0, grown))
                     if head is not None:  # fetch does not follow a new default branch
                         await run_git(
                             ["-C", git_dir, "symbolic-ref", "HEAD", head], timeout=cfg.git_timeout
@@ -276,7 +281,6 @@ class MirrorStore:
                 raise upstream_failure(mirror.repo, exc) from exc
             await self.rebuild(mirror)
         (mirror.path / FETCH_STAMP).touch()
-        self.fetches += 1
         mirror.fetched_at = self._clock()
         log.info("fetched %s in %.2fs", mirror.repo.name, time.monotonic() - started)
 

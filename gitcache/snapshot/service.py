@@ -106,8 +106,6 @@ class SnapshotService:
         self._spool_dir = config.server.state_dir / "spool"
         self._tmp_dir = config.server.state_dir / "tmp"
         self._generations: dict[tuple[RepoRef, str], Generation] = {}
-        self.generations_started = 0
-        self.stale_served = 0
 
     def clean_leftovers(self) -> None:
         """At start-up, before anything runs: spools and temp dirs of a previous process
@@ -115,6 +113,10 @@ class SnapshotService:
         for directory in (self._spool_dir, self._tmp_dir):
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def generations_started(self) -> int:
+        return int(self._metrics.value("gitcache_generations_started_total"))
 
     @property
     def running(self) -> int:
@@ -201,7 +203,6 @@ class SnapshotService:
         reader = await self._cache.open(repo, entry)
         if reader is None:
             return None
-        self.stale_served += 1
         log.warning("serving a stale snapshot of %s: the upstream failed", repo.name)
         return Hit(reader, source="stale")
 
@@ -267,7 +268,6 @@ class SnapshotService:
         writer = SpoolWriter(spool, cfg.zstd_level, cfg.zstd_threads)
         generation.open_spool()
         self._generations[(repo, key)] = generation
-        self.generations_started += 1
         self._metrics.generations_started.inc()
         self._tasks.spawn(
             self._generate(repo, mirror, spec, checkout, generation, writer),

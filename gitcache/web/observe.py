@@ -25,7 +25,7 @@ def route_of(request: web.Request) -> str:
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
+    started = request[keys.REQUEST_STARTED] = time.monotonic()
     info: dict[str, Any] = {}
     request[keys.REQUEST_INFO] = info
     status = "aborted"  # unless a response comes back: the stream was cut

@@ -59,7 +59,6 @@ def parse_max_age(request: web.Request) -> float | None:
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
-    request[keys.REQUEST_STARTED] = time.monotonic()
     config = request.app[keys.CONFIG]
     repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
     spec = parse_ref(request.query.get("ref"))
