@@ -45,6 +45,12 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def settle(self, prefix: str = "") -> None:
+        """Until every task whose name starts with ``prefix`` has ended, those started
+        meanwhile included."""
+        while tasks := [t for t in self._tasks if t.get_name().startswith(prefix)]:
+            await asyncio.wait(tasks)
+
     async def close(self) -> None:
         self._closed = True
         tasks = list(self._tasks)

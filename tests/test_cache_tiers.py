@@ -21,12 +21,14 @@ from gitcache import keys
 from gitcache.cache.base import Cache, Entry
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
+from gitcache.cache.tiered import TieredCache
 from gitcache.config import S3CacheConfig
 from gitcache.errors import GenerationFailed
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
+from gitcache.tasks import TaskSet
 from tests.conftest import free_port, start_s3_server
-from tests.helpers import HOST, Clock, snapshot_url
+from tests.helpers import HOST, Clock, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream, agit, commit_all, git
 
 REPO = RepoRef(HOST, "group/repo")
@@ -36,16 +38,20 @@ def s3_config(endpoint: str, bucket: str, **kwargs: Any) -> S3CacheConfig:
     return S3CacheConfig(bucket=bucket, endpoint_url=endpoint, prefix="snapshots/", **kwargs)
 
 
-@pytest.fixture(params=["disk", "s3"])
+@pytest.fixture(params=["disk", "s3", "tiered"])
 async def tier(
     request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, s3_bucket: str
 ) -> AsyncIterator[Cache]:
     cache: Cache
+    tasks = TaskSet()
     disk = DiskCache(tmp_path / "cache", 1024**3, Metrics())
     s3 = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
-    cache = disk if request.param == "disk" else s3
+    cache = {"disk": disk, "s3": s3, "tiered": TieredCache(disk, s3, tasks, tmp_path / "fill")}[
+        request.param
+    ]
     await cache.start()
     yield cache
+    await tasks.close()
     await cache.close()
 
 
@@ -143,6 +149,74 @@ async def test_failed_upload_leaves_nothing_visible(
     assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     await cache.close()
+
+
+@pytest.mark.parametrize("outcome", ["verified", "failed"])
+async def test_upload_runs_while_the_snapshot_is_generated(
+    make_client: Any,
+    upstream: Upstream,
+    big_work: Path,
+    s3_endpoint: str,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    outcome: str,
+) -> None:
+    """The upload is a reader of the spool: parts reach S3 while the generation is still
+    running, and only the verified end makes the object visible; a failed generation
+    aborts the upload and leaves nothing."""
+    upstream.create("big", big_work)
+    gate = asyncio.Event()
+
+    async def hold_at_12mib(sent: int) -> None:
+        if sent >= 12 * 1024 * 1024:
+            await gate.wait()
+            if outcome == "failed":
+                raise RuntimeError("the tar stream broke")
+
+    wrap_build_tar(monkeypatch, hold_at_12mib)
+    cache = {
+        "backend": "s3",
+        "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint, "part_size": 5 * 1024**2},
+    }
+    client = await make_client(cache=cache)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    response = await client.get(snapshot_url("big"))
+    try:
+        for _ in range(400):
+            uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+            if uploads:
+                upload = uploads[0]
+                parts = s3.list_parts(
+                    Bucket=s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                ).get("Parts", [])
+                if parts:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no part was uploaded while the generation ran")
+        assert client.app[keys.SNAPSHOTS].running == 1  # still generating
+        assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0  # nothing visible
+    finally:
+        gate.set()
+    if outcome == "failed":
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    else:
+        body = await response.read()
+    await client.app[keys.TASKS].settle("generate:")
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    if outcome == "failed":
+        assert listed == []
+        return
+    assert sorted(name.rsplit("/", 1)[1].split(".", 1)[1] for name in listed) == [
+        "entry.json",
+        "json",
+        "tar.zst",
+    ]
+    hit = await client.get(snapshot_url("big"))
+    assert hit.headers["X-Gitcache-Source"] == "hit"
+    assert await hit.read() == body
 
 
 async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(

@@ -1,13 +1,15 @@
 """The cache protocol every tier implements, and the value it stores.
 
 A tier stores complete, verified snapshot files and a per-repository manifest describing
-them. It never sees a partial file: a generation hands it a spool only after the size and
-sha256 were checked, and the tier makes it visible atomically.
+them. Nothing partial is ever visible: a generation commits its spool only after the size
+and sha256 were checked, and the tier makes it visible atomically. A tier that copies the
+bytes elsewhere (S3) starts that copy as the spool is written (:meth:`Cache.begin`) and
+completes it only at the commit, with the verified entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -57,6 +59,26 @@ class Reader(Protocol):
     async def close(self) -> None: ...
 
 
+class Tail(Protocol):
+    """The bytes of a spool as they are written, up to its verified end."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upload(Protocol):
+    """A copy of a generation's spool made while the spool is written."""
+
+    def complete(self, entry: Entry) -> Awaitable[None]:
+        """Hand over the verified ``entry`` (from now on :meth:`abort` is a no-op) and
+        return what ends once the copy is visible; it raises, leaving nothing visible, if
+        the bytes copied do not match."""
+
+    async def abort(self) -> None:
+        """Give the copy up, leaving nothing behind; a no-op once ``complete`` was called."""
+
+
 class Cache(Protocol):
     async def start(self) -> None:
         """Open what the tier needs; clean up what a previous process left half-done."""
@@ -74,8 +96,15 @@ class Cache(Protocol):
     async def open(self, repo: RepoRef, entry: Entry) -> Reader | None:
         """Open an entry for reading (a use, for eviction); None if it is gone."""
 
-    async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
-        """Make a verified spool file visible as ``entry``; the spool is consumed."""
+    def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> Upload | None:
+        """Start copying a generation's spool while it is written, through a reader that
+        ``tail`` opens; None if the tier needs nothing but the verified spool (disk)."""
+
+    async def commit(
+        self, repo: RepoRef, spool: Path, entry: Entry, upload: Upload | None = None
+    ) -> None:
+        """Make a verified spool file visible as ``entry`` (completing ``upload``, which
+        :meth:`begin` returned for it); the spool may be consumed."""
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         """Record that the upstream still matched ``entry`` at ``fetched_at``."""

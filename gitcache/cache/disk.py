@@ -13,11 +13,11 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gitcache.cache.base import Entry
+from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
@@ -165,7 +165,13 @@ class DiskCache:
                 os.utime(file.fileno())
         return DiskReader(entry, file)
 
-    async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
+    def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> None:
+        """Nothing to copy: the verified spool itself becomes the entry's file."""
+        return None
+
+    async def commit(
+        self, repo: RepoRef, spool: Path, entry: Entry, upload: Upload | None = None
+    ) -> None:
         async with self._locks[repo]:
             manifest = (await self._manifest(repo)).with_entry(entry)
             await asyncio.to_thread(self._commit_files, repo, spool, entry, manifest)

@@ -1,19 +1,19 @@
 """The S3 tier: ``<prefix><host>/<repo slug>/<key>.tar.zst`` and ``manifest.json`` in one
 bucket that every replica shares.
 
-Objects are uploaded multipart with concurrent parts, hashed while read, and completed only
-when size and sha256 match the verified spool; any failure aborts the upload, so nothing
-half-written is ever visible. The object is written first and the manifest last, with a
-conditional write (``If-Match`` on the manifest's ETag, ``If-None-Match: *`` for a new
-one) retried on conflict, so two replicas never lose each other's entries. Each object also
-carries its entry in its metadata: a missing or unreadable manifest is rebuilt from a
-listing of the repository's prefix.
+A snapshot is uploaded while it is generated: the upload is one more reader of the spool,
+sending multipart parts as they fill, hashing them on the way, and completing only when
+size and sha256 match the verified spool; any failure aborts it, so nothing half-written is
+ever visible. The object is written first, then its entry beside it (``<key>.entry.json``),
+then the manifest, last, with a conditional write (``If-Match`` on the manifest's ETag,
+``If-None-Match: *`` for a new one) retried on conflict, so two replicas never lose each
+other's entries. A missing or unreadable manifest is rebuilt from a listing of the
+repository's prefix and those entries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -21,18 +21,19 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gitcache.cache.base import Entry
+from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.config import S3CacheConfig
 from gitcache.errors import GenerationFailed, GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
+from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ CLIENT_CONFIG = AioConfig(
     connect_timeout=3, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"}
 )
 CHUNK = 1024 * 1024
-META_ENTRY = "gitcache-entry"
+SNAPSHOT_SUFFIX = ".tar.zst"
+ENTRY_SUFFIX = ".entry.json"  # the entry beside its object, for the listing fallback
 MANIFEST_ATTEMPTS = 8
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -66,10 +68,10 @@ class S3Reader:
 
     def __init__(self, entry: Entry, client: Any, bucket: str, key: str) -> None:
         self.entry = entry
-        self._client, self._bucket, self._key = client, bucket, key
+        self.client, self._bucket, self._key = client, bucket, key
 
     async def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        response = await self._client.get_object(
+        response = await self.client.get_object(
             Bucket=self._bucket, Key=self._key, Range=f"bytes={offset}-{offset + length - 1}"
         )
         body = response["Body"]
@@ -84,7 +86,7 @@ class S3Reader:
 
     async def presigned_url(self, ttl: float) -> str:
         """A short-lived URL for the object itself: the bytes bypass the proxy."""
-        url: str = await self._client.generate_presigned_url(
+        url: str = await self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self._bucket, "Key": self._key}, ExpiresIn=int(ttl)
         )
         return url
@@ -92,10 +94,11 @@ class S3Reader:
 
 class S3Cache:
     def __init__(self, config: S3CacheConfig, metrics: Metrics) -> None:
+        self.config = config
         self._config = config
         self._metrics = metrics
         self._bucket = config.bucket
-        self._client: Any = None
+        self.client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._seen: set[RepoRef] = set()
 
@@ -105,7 +108,7 @@ class S3Cache:
         """Open the client (credentials from the standard AWS chain) and abort multipart
         uploads a crashed process left behind under the prefix."""
         session = aioboto3.Session()
-        self._client = await self._stack.enter_async_context(
+        self.client = await self._stack.enter_async_context(
             session.client(
                 "s3",
                 endpoint_url=self._config.endpoint_url or None,
@@ -114,12 +117,12 @@ class S3Cache:
             )
         )
         with contextlib.suppress(ClientError, BotoCoreError):
-            uploads = await self._client.list_multipart_uploads(
+            uploads = await self.client.list_multipart_uploads(
                 Bucket=self._bucket, Prefix=self._config.prefix
             )
             for upload in uploads.get("Uploads", []):
                 log.info("aborting stale multipart upload of %s", upload["Key"])
-                await self._client.abort_multipart_upload(
+                await self.client.abort_multipart_upload(
                     Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )
 
@@ -131,10 +134,13 @@ class S3Cache:
     def _name(self, repo: RepoRef, name: str) -> str:
         return f"{self._config.prefix}{repo.host}/{repo.slug}/{name}"
 
-    def _object(self, repo: RepoRef, key: str) -> str:
-        return self._name(repo, f"{key}.tar.zst")
+    def object_name(self, repo: RepoRef, key: str) -> str:
+        return self._name(repo, f"{key}{SNAPSHOT_SUFFIX}")
 
-    def _failed(self, operation: str, exc: Exception) -> S3Error:
+    def _sidecar(self, repo: RepoRef, key: str) -> str:
+        return self._name(repo, f"{key}{ENTRY_SUFFIX}")
+
+    def failed(self, operation: str, exc: Exception) -> S3Error:
         """Count and log an S3 failure once, here; callers decide whether it is fatal."""
         self._metrics.s3_errors.labels(operation).inc()
         log.warning("S3 %s failed: %s", operation, exc)
@@ -145,7 +151,7 @@ class S3Cache:
     async def _read_manifest(self, repo: RepoRef) -> tuple[Manifest, str | None]:
         """The manifest and its ETag (None: there is none yet)."""
         try:
-            response = await self._client.get_object(
+            response = await self.client.get_object(
                 Bucket=self._bucket, Key=self._name(repo, MANIFEST_NAME)
             )
             async with response["Body"] as body:
@@ -153,30 +159,38 @@ class S3Cache:
             return Manifest.loads(data), str(response["ETag"])
         except ClientError as exc:
             if _code(exc) not in _MISSING_CODES:
-                raise self._failed("get_manifest", exc) from exc
+                raise self.failed("get_manifest", exc) from exc
         except ValueError:
             log.warning("manifest of %s is unreadable: rebuilding it", repo.name)
         except BotoCoreError as exc:
-            raise self._failed("get_manifest", exc) from exc
+            raise self.failed("get_manifest", exc) from exc
         return await self._rebuild_manifest(repo), None
 
     async def _rebuild_manifest(self, repo: RepoRef) -> Manifest:
-        """The slow fallback: list the repository's prefix and read each object's entry."""
-        entries = []
+        """The slow fallback: list the repository's prefix and read the entry written beside
+        each complete object (an object without one never finished publishing)."""
         prefix = self._name(repo, "")
+        names: set[str] = set()
         try:
-            paginator = self._client.get_paginator("list_objects_v2")
+            paginator = self.client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self._bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    if not item["Key"].endswith(".tar.zst") or "/" in item["Key"][len(prefix) :]:
-                        continue
-                    head = await self._client.head_object(Bucket=self._bucket, Key=item["Key"])
-                    raw = head.get("Metadata", {}).get(META_ENTRY)
-                    if raw:
-                        with contextlib.suppress(ValueError, KeyError, TypeError):
-                            entries.append(Entry.from_json(json.loads(base64.b64decode(raw))))
+                names.update(item["Key"][len(prefix) :] for item in page.get("Contents", []))
+            entries = []
+            for name in sorted(names):
+                key = name.removesuffix(SNAPSHOT_SUFFIX)
+                if "/" in name or key == name or f"{key}{ENTRY_SUFFIX}" not in names:
+                    continue
+                response = await self.client.get_object(
+                    Bucket=self._bucket, Key=self._sidecar(repo, key)
+                )
+                async with response["Body"] as body:
+                    raw = await body.read()
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    found = Entry.from_json(json.loads(raw))
+                    if found.key == key:
+                        entries.append(found)
         except (ClientError, BotoCoreError) as exc:
-            raise self._failed("list", exc) from exc
+            raise self.failed("list", exc) from exc
         return Manifest(tuple(entries))
 
     async def _update_manifest(
@@ -188,7 +202,7 @@ class S3Cache:
             changed = change(manifest)
             condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             try:
-                await self._client.put_object(
+                await self.client.put_object(
                     Bucket=self._bucket,
                     Key=self._name(repo, MANIFEST_NAME),
                     Body=changed.dumps(),
@@ -200,12 +214,12 @@ class S3Cache:
                     self._metrics.manifest_conflicts.inc()
                     await asyncio.sleep(random.uniform(0.01, 0.1))  # noqa: S311 (jitter)
                     continue
-                raise self._failed("put_manifest", exc) from exc
+                raise self.failed("put_manifest", exc) from exc
             except BotoCoreError as exc:
-                raise self._failed("put_manifest", exc) from exc
+                raise self.failed("put_manifest", exc) from exc
             self._seen.add(repo)
             return changed
-        raise self._failed("put_manifest", RuntimeError("kept conflicting"))
+        raise self.failed("put_manifest", RuntimeError("kept conflicting"))
 
     # --- leases -------------------------------------------------------------------------
 
@@ -218,29 +232,29 @@ class S3Cache:
         body = json.dumps({"owner": owner, "expires": now + ttl}).encode()
         try:
             try:
-                await self._client.put_object(
+                await self.client.put_object(
                     Bucket=self._bucket, Key=name, Body=body, IfNoneMatch="*"
                 )
                 return True
             except ClientError as exc:
                 if _code(exc) not in _CONFLICT_CODES:
                     raise
-            current = await self._client.get_object(Bucket=self._bucket, Key=name)
+            current = await self.client.get_object(Bucket=self._bucket, Key=name)
             async with current["Body"] as stream:
                 held = json.loads(await stream.read())
             if held.get("owner") != owner and float(held.get("expires", 0)) > now:
                 return False
-            await self._client.put_object(
+            await self.client.put_object(
                 Bucket=self._bucket, Key=name, Body=body, IfMatch=current["ETag"]
             )
             return True
         except ClientError as exc:
             if _code(exc) in _CONFLICT_CODES:
                 return False  # another replica took it over first
-            self._failed("lease", exc)
+            self.failed("lease", exc)
             return True
         except (BotoCoreError, ValueError) as exc:
-            self._failed("lease", exc)
+            self.failed("lease", exc)
             return True
 
     # --- the protocol -----------------------------------------------------------------
@@ -267,26 +281,25 @@ class S3Cache:
             return None
 
     async def open(self, repo: RepoRef, entry: Entry) -> S3Reader | None:
-        name = self._object(repo, entry.key)
+        name = self.object_name(repo, entry.key)
         try:
-            await self._client.head_object(Bucket=self._bucket, Key=name)
+            await self.client.head_object(Bucket=self._bucket, Key=name)
         except ClientError as exc:
             if _code(exc) in _MISSING_CODES:
                 return None
-            raise self._failed("head", exc) from exc
+            raise self.failed("head", exc) from exc
         except BotoCoreError as exc:
-            raise self._failed("head", exc) from exc
-        return S3Reader(entry, self._client, self._bucket, name)
+            raise self.failed("head", exc) from exc
+        return S3Reader(entry, self.client, self._bucket, name)
 
-    async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
-        """Upload the verified spool (which stays where it is), then list it."""
-        with spool.open("rb") as file:
-            await self.commit_file(repo, file, entry)
-
-    async def commit_file(self, repo: RepoRef, file: BinaryIO, entry: Entry) -> None:
-        """Upload an open snapshot file: the object first, the manifest last."""
-        await self._upload(self._object(repo, entry.key), file, entry)
-        await self._update_manifest(repo, lambda m: m.with_entry(entry))
+    async def commit(
+        self, repo: RepoRef, spool: Path, entry: Entry, upload: Upload | None = None
+    ) -> None:
+        """Complete the upload begun while the spool was written, or upload the verified
+        spool now (it stays where it is); the object first, the manifest last."""
+        if upload is None:
+            upload = S3Upload(self, repo, entry.key, FileTail(spool))
+        await upload.complete(entry)
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         await self._update_manifest(repo, lambda m: m.touched(entry.key, fetched_at))
@@ -301,58 +314,115 @@ class S3Cache:
         # Manifest first: once it no longer lists an entry, nothing serves it.
         await self._update_manifest(repo, lambda m: m.without(*keys))
         for key in keys:
-            try:
-                await self._client.delete_object(Bucket=self._bucket, Key=self._object(repo, key))
-            except (ClientError, BotoCoreError) as exc:
-                raise self._failed("delete", exc) from exc
+            for name in (self.object_name(repo, key), self._sidecar(repo, key)):
+                try:
+                    await self.client.delete_object(Bucket=self._bucket, Key=name)
+                except (ClientError, BotoCoreError) as exc:
+                    raise self.failed("delete", exc) from exc
 
     # --- upload -----------------------------------------------------------------------
 
-    async def _upload(self, name: str, file: BinaryIO, entry: Entry) -> None:
-        """Multipart upload with ``upload_concurrency`` parts in flight: memory grows with
-        ``part_size * upload_concurrency`` (about twice that: the SDK copies a part while it
-        signs and sends it), whatever the size of the snapshot."""
-        meta = base64.b64encode(json.dumps(entry.to_json()).encode()).decode()
+    def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> S3Upload:
+        return S3Upload(self, repo, key, tail())
+
+    async def publish(self, repo: RepoRef, entry: Entry) -> None:
+        """After the object is complete: its entry beside it (for the listing fallback),
+        then the manifest, last."""
         try:
-            created = await self._client.create_multipart_upload(
+            await self.client.put_object(
                 Bucket=self._bucket,
-                Key=name,
-                ContentType="application/zstd",
-                Metadata={META_ENTRY: meta},
+                Key=self._sidecar(repo, entry.key),
+                Body=json.dumps(entry.to_json()).encode(),
+                ContentType="application/json",
             )
         except (ClientError, BotoCoreError) as exc:
-            raise self._failed("create_upload", exc) from exc
-        upload_id = created["UploadId"]
-        try:
-            parts = await self._upload_parts(name, upload_id, file, entry)
-            await self._client.complete_multipart_upload(
-                Bucket=self._bucket,
-                Key=name,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException as exc:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                await self._client.abort_multipart_upload(
-                    Bucket=self._bucket, Key=name, UploadId=upload_id
-                )
-            if isinstance(exc, ClientError | BotoCoreError):
-                raise self._failed("upload", exc) from exc
-            raise
+            raise self.failed("put_entry", exc) from exc
+        await self._update_manifest(repo, lambda m: m.with_entry(entry))
 
-    async def _upload_parts(
-        self, name: str, upload_id: str, file: BinaryIO, entry: Entry
-    ) -> list[dict[str, Any]]:
+
+class S3Upload:
+    """A multipart upload fed from a generation's spool while it is written.
+
+    Parts go out as soon as they fill, at most ``upload_concurrency`` at once; the reader
+    waits for a free slot before it fills the next part, so the parts held in memory never
+    exceed ``part_size * upload_concurrency``, and a slow S3 leaves the rest of the bytes in
+    the spool file, not in memory. Each part is hashed on its way out; the upload is
+    completed only when the generation hands over its verified entry and size and sha256
+    match it. Any failure or an abort cancels it with ``AbortMultipartUpload``: nothing
+    half-written is ever visible."""
+
+    def __init__(self, cache: S3Cache, repo: RepoRef, key: str, tail: Tail) -> None:
+        self._cache = cache
+        self.client = cache.client
+        self._config = cache.config
+        self._repo = repo
+        self._name = cache.object_name(repo, key)
+        self._entry: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._handed = False
+        self._task = asyncio.ensure_future(self._run(tail))
+
+    def complete(self, entry: Entry) -> asyncio.Task[None]:
+        if not self._handed:
+            self._handed = True
+            self._entry.set_result(entry)
+        return self._task
+
+    async def abort(self) -> None:
+        if not self._handed:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self, tail: Tail) -> None:
+        try:
+            upload_id = await self._create()
+            try:
+                parts, size, sha256 = await self._send_parts(upload_id, tail)
+                entry = await self._entry
+                if size != entry.size or sha256 != entry.sha256:
+                    raise GenerationFailed(
+                        f"{self._name}: the upload does not match the verified snapshot"
+                    )
+                await self.client.complete_multipart_upload(
+                    Bucket=self._config.bucket,
+                    Key=self._name,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except BaseException as exc:
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    await self.client.abort_multipart_upload(
+                        Bucket=self._config.bucket, Key=self._name, UploadId=upload_id
+                    )
+                if isinstance(exc, ClientError | BotoCoreError):
+                    raise self._cache.failed("upload", exc) from exc
+                raise
+        finally:
+            await tail.aclose()
+        await self._cache.publish(self._repo, entry)
+
+    async def _create(self) -> str:
+        try:
+            created = await self.client.create_multipart_upload(
+                Bucket=self._config.bucket, Key=self._name, ContentType="application/zstd"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._cache.failed("create_upload", exc) from exc
+        return str(created["UploadId"])
+
+    async def _send_parts(
+        self, upload_id: str, tail: Tail
+    ) -> tuple[list[dict[str, Any]], int, str]:
+        part_size = self._config.part_size
         slots = asyncio.Semaphore(self._config.upload_concurrency)
         digest = hashlib.sha256()
         size = 0
         tasks: list[asyncio.Task[dict[str, Any]]] = []
 
-        async def send(number: int, data: bytes) -> dict[str, Any]:
+        async def send(number: int, data: bytes | bytearray) -> dict[str, Any]:
             try:
-                result = await self._client.upload_part(
-                    Bucket=self._bucket,
-                    Key=name,
+                result = await self.client.upload_part(
+                    Bucket=self._config.bucket,
+                    Key=self._name,
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=data,
@@ -361,26 +431,48 @@ class S3Cache:
             finally:
                 slots.release()
 
-        def read_part(f: Any) -> bytes:
-            data: bytes = f.read(self._config.part_size)
-            digest.update(data)
-            return data
+        async def ship(data: bytes | bytearray) -> None:
+            # hashlib lets go of the GIL on large buffers: hashing stays off the loop.
+            await asyncio.to_thread(digest.update, data)
+            tasks.append(asyncio.ensure_future(send(len(tasks) + 1, data)))
 
         try:
-            while True:
-                await slots.acquire()
-                data = await asyncio.to_thread(read_part, file)
-                if not data:
-                    slots.release()
-                    break
-                size += len(data)
-                tasks.append(asyncio.ensure_future(send(len(tasks) + 1, data)))
+            await slots.acquire()
+            part = bytearray()
+            async for chunk in tail:
+                part += chunk
+                size += len(chunk)
+                if len(part) >= part_size:
+                    await ship(part)
+                    await slots.acquire()  # a free slot before the next part fills
+                    part = bytearray()
+            if part or not tasks:
+                await ship(part)
+            else:
+                slots.release()
             parts = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        if size != entry.size or digest.hexdigest() != entry.sha256:
-            raise GenerationFailed(f"{name}: the upload does not match the verified snapshot")
-        return list(parts)
+        return list(parts), size, digest.hexdigest()
+
+
+class FileTail:
+    """A whole, already verified file as a tail. The file is opened at once, so a spool
+    renamed or an entry evicted meanwhile is still read whole."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+
+    def __aiter__(self) -> FileTail:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if chunk := await run_blocking(self._file.read, CHUNK):
+            return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._file.close()

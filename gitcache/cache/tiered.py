@@ -1,8 +1,9 @@
 """Disk in front of S3: hits from local disk when they can be, from the shared bucket when
 not, and every snapshot ends up in both.
 
-- A new snapshot is committed to disk at once (its clients see the end of their stream
-  right after) and uploaded to S3 in the background from the committed file.
+- A new snapshot is uploaded to S3 while it is generated (the upload reads the spool);
+  at the end it is committed to disk at once (its clients see the end of their stream
+  right after) and the upload completes in the background.
 - An S3 hit streams to the client while it fills the disk tier: the bytes are teed into a
   spool, hashed, and committed to disk only if the whole object arrived and its sha256
   matches the entry. A partial or ranged read fills nothing.
@@ -12,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
 
-from gitcache.cache.base import Entry, Reader
+from gitcache.cache.base import Entry, Reader, Tail, Upload
 from gitcache.cache.disk import DiskCache
-from gitcache.cache.s3 import S3Cache, S3Error
+from gitcache.cache.s3 import FileTail, S3Cache, S3Error
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 
@@ -67,11 +68,42 @@ class FillingReader:
 
 
 class TieredCache:
+    """Every change to the S3 side of one repository runs in the order it was asked for,
+    each after the one before has ended: an upload still completing in the background
+    when a prune or a delete comes lands first, or it would bring a deleted entry back."""
+
     def __init__(self, disk: DiskCache, s3: S3Cache, tasks: TaskSet, spool_dir: Path) -> None:
         self.disk = disk
         self.s3 = s3
         self._tasks = tasks
         self._spool_dir = spool_dir
+        self._last: dict[RepoRef, asyncio.Task[None]] = {}
+
+    def _in_order(
+        self, repo: RepoRef, work: Callable[[], Awaitable[None]], name: str
+    ) -> asyncio.Task[None]:
+        """Run ``work`` once what was queued for ``repo`` before it has ended. S3 trouble
+        never fails a disk operation: it is logged and counted where it happens."""
+        before = self._last.get(repo)
+
+        async def run() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                await work()
+            except S3Error:
+                pass
+            except Exception:
+                log.exception("%s failed", name)
+
+        task = self._tasks.spawn(run(), name=name)
+        self._last[repo] = task
+        task.add_done_callback(functools.partial(self._forget, repo))
+        return task
+
+    def _forget(self, repo: RepoRef, task: asyncio.Task[None]) -> None:
+        if self._last.get(repo) is task:
+            del self._last[repo]
 
     def spool_path(self, repo: RepoRef, entry: Entry) -> Path:
         self._spool_dir.mkdir(parents=True, exist_ok=True)
@@ -113,34 +145,28 @@ class TieredCache:
             return None
         return FillingReader(inner, self, repo) if inner is not None else None
 
-    async def commit(self, repo: RepoRef, spool: Path, entry: Entry) -> None:
+    def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> Upload:
+        return self.s3.begin(repo, key, tail)
+
+    async def commit(
+        self, repo: RepoRef, spool: Path, entry: Entry, upload: Upload | None = None
+    ) -> None:
+        """Commit to disk now (the generation's clients see their end right after); the
+        S3 upload completes in the background."""
+        if upload is None:  # not begun while written: from the file, open before it moves
+            upload = self.s3.begin(repo, entry.key, functools.partial(FileTail, spool))
         await self.disk.commit(repo, spool, entry)
-        # The committed file may be evicted before the upload reads it: hold it open.
-        file = self.disk.path_of(repo, entry.key).open("rb")
-        self._tasks.spawn(self._upload(repo, file, entry), name=f"upload:{repo.name}:{entry.key}")
-
-    async def _upload(self, repo: RepoRef, file: BinaryIO, entry: Entry) -> None:
-        try:
-            with file:
-                await self.s3.commit_file(repo, file, entry)
-        except S3Error:
-            pass  # logged and counted where it happened; the disk tier has it
-        except Exception:
-            log.exception("upload of %s %s to S3 failed", repo.name, entry.key)
-
-    # S3 trouble never fails a disk operation: it is logged and counted where it happens.
+        uploaded = upload.complete(entry)
+        self._in_order(repo, lambda: uploaded, f"upload:{repo.name}:{entry.key}")
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         await self.disk.touch(repo, entry, fetched_at)
-        with contextlib.suppress(S3Error):
-            await self.s3.touch(repo, entry, fetched_at)
+        await self._in_order(repo, lambda: self.s3.touch(repo, entry, fetched_at), "s3 touch")
 
     async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
         await self.disk.prune(repo, ref, keep)
-        with contextlib.suppress(S3Error):
-            await self.s3.prune(repo, ref, keep)
+        await self._in_order(repo, lambda: self.s3.prune(repo, ref, keep), "s3 prune")
 
     async def delete(self, repo: RepoRef, *keys: str) -> None:
         await self.disk.delete(repo, *keys)
-        with contextlib.suppress(S3Error):
-            await self.s3.delete(repo, *keys)
+        await self._in_order(repo, lambda: self.s3.delete(repo, *keys), "s3 delete")

@@ -90,6 +90,7 @@ class Generation:
         self.commit = commit
         self.spool = spool
         self.size = 0
+        self.verified = False  # every byte is written and was read back intact
         self.done = False
         self.error: BaseException | None = None
         self.readers = 0  # clients reading the spool now
@@ -124,6 +125,10 @@ class Generation:
         self.size = size
         self._notify()
 
+    def verify(self) -> None:
+        self.verified = True
+        self._notify()
+
     def finish(self) -> None:
         self.done = True
         self._notify()
@@ -133,10 +138,19 @@ class Generation:
         self._notify()
 
     def reader(self) -> SpoolReader:
-        """A new reader from the first byte (see :class:`SpoolReader`)."""
+        """A new client reader from the first byte (see :class:`SpoolReader`)."""
         if self._fd is None:
             raise GenerationFailed("the generation is not accepting readers")
         return SpoolReader(self, self._fd)
+
+    def tail(self) -> SpoolReader:
+        """A reader for a cache tier copying the spool while it is written (the S3
+        upload): it ends once the spool is verified, not when the generation is done,
+        since the generation is done only after that tier committed. It is not counted
+        among the clients."""
+        if self._fd is None:
+            raise GenerationFailed("the generation is not accepting readers")
+        return SpoolReader(self, self._fd, tier=True)
 
 
 class SpoolReader:
@@ -147,11 +161,14 @@ class SpoolReader:
     so the reader can never miss the spool however the generation ends; ``aclose`` gives
     it back whether or not the reader was ever iterated."""
 
-    def __init__(self, generation: Generation, fd: int) -> None:
+    def __init__(self, generation: Generation, fd: int, *, tier: bool = False) -> None:
         self._generation = generation
         self._fd = os.dup(fd)
         self._offset = 0
-        generation.readers += 1
+        self._tier = tier
+        self._chunk = CHUNK if tier else READ_CHUNK  # one tier reader: fewer, larger reads
+        if not tier:
+            generation.readers += 1
 
     def __aiter__(self) -> SpoolReader:
         return self
@@ -162,7 +179,7 @@ class SpoolReader:
             if self._fd < 0:
                 raise StopAsyncIteration
             if self._offset < generation.size:
-                want = min(READ_CHUNK, generation.size - self._offset)
+                want = min(self._chunk, generation.size - self._offset)
                 # run_blocking: on cancel, the thread is done with the fd before aclose.
                 chunk = await run_blocking(os.pread, self._fd, want, self._offset)
                 self._offset += len(chunk)
@@ -171,7 +188,7 @@ class SpoolReader:
                 error = generation.error
                 detail = f": {error.message}" if isinstance(error, GitcacheError) else ""
                 raise GenerationFailed(f"snapshot generation failed{detail}")
-            if generation.done:
+            if generation.done or (self._tier and generation.verified):
                 raise StopAsyncIteration
             await generation.changed()
 
@@ -179,7 +196,8 @@ class SpoolReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self._generation.readers -= 1
+            if not self._tier:
+                self._generation.readers -= 1
 
 
 async def write_spool(
@@ -227,6 +245,7 @@ async def write_spool(
         raise GenerationFailed(
             f"spool verification failed: wrote {writer.size} bytes, read back {size}"
         )
+    generation.verify()
     return size, sha256
 
 

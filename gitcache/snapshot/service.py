@@ -288,6 +288,9 @@ class SnapshotService:
         refs_digest, fetched_at = mirror.refs.digest, mirror.fetched_at
         work = self._tmp_dir / f"gen-{uuid.uuid4().hex}"
         started = time.monotonic()
+        # A tier that copies the spool elsewhere (S3) starts now, reading it as it grows.
+        upload = self._cache.begin(repo, generation.key, generation.tail)
+        committed: Entry | None = None
         try:
             await run_blocking(work.mkdir, parents=True)
             chunks = build_tar(
@@ -314,10 +317,12 @@ class SnapshotService:
             )
             try:
                 if await self._disk_has_room():
-                    await self._cache.commit(repo, generation.spool, entry)
-                    await self._cache.prune(repo, entry.ref, self._config.cache.keep)
-            except Exception:
+                    await self._cache.commit(repo, generation.spool, entry, upload)
+                    committed = entry
+            except GitcacheError as exc:
                 # Clients still get their verified bytes; only the cache misses out.
+                log.error("could not commit %s %s: %s", repo.name, generation.key, exc)
+            except Exception:
                 log.exception("could not commit %s %s to the cache", repo.name, generation.key)
             # Readers see the end only now, so whoever has a whole snapshot finds it cached.
             generation.finish()
@@ -348,6 +353,14 @@ class SnapshotService:
             writer.close()
             self._generations.pop((repo, generation.key), None)
             generation.close_spool()
+            if upload is not None:
+                await upload.abort()  # a no-op once committed
             remove_spool(generation.spool)
             with contextlib.suppress(OSError):
                 await run_blocking(shutil.rmtree, work, ignore_errors=True)
+        if committed is not None:
+            # After the clients saw their end: nobody waits on the retention sweep.
+            try:
+                await self._cache.prune(repo, committed.ref, self._config.cache.keep)
+            except Exception:
+                log.exception("could not prune the snapshots of %s", repo.name)
