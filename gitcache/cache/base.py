@@ -60,9 +60,14 @@ class Reader(Protocol):
 
 
 class Tail(Protocol):
-    """The bytes of a spool as they are written, up to its verified end."""
+    """A spool file as it is written, up to its verified end."""
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    async def extent(self, want: int) -> int:
+        """Until the file holds ``want`` bytes or has ended: how many it holds, fewer
+        than ``want`` only at its end. Raises if the spool will never be complete."""
+
+    def fileno(self) -> int:
+        """A descriptor to read the bytes written so far from (with ``os.pread``)."""
 
     async def aclose(self) -> None: ...
 

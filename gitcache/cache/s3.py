@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import random
@@ -29,11 +28,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
+from gitcache.cache.upload import FileTail, S3Upload
 from gitcache.config import S3CacheConfig
-from gitcache.errors import GenerationFailed, GitcacheError
+from gitcache.errors import GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
-from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -338,141 +337,3 @@ class S3Cache:
         except (ClientError, BotoCoreError) as exc:
             raise self.failed("put_entry", exc) from exc
         await self._update_manifest(repo, lambda m: m.with_entry(entry))
-
-
-class S3Upload:
-    """A multipart upload fed from a generation's spool while it is written.
-
-    Parts go out as soon as they fill, at most ``upload_concurrency`` at once; the reader
-    waits for a free slot before it fills the next part, so the parts held in memory never
-    exceed ``part_size * upload_concurrency``, and a slow S3 leaves the rest of the bytes in
-    the spool file, not in memory. Each part is hashed on its way out; the upload is
-    completed only when the generation hands over its verified entry and size and sha256
-    match it. Any failure or an abort cancels it with ``AbortMultipartUpload``: nothing
-    half-written is ever visible."""
-
-    def __init__(self, cache: S3Cache, repo: RepoRef, key: str, tail: Tail) -> None:
-        self._cache = cache
-        self.client = cache.client
-        self._config = cache.config
-        self._repo = repo
-        self._name = cache.object_name(repo, key)
-        self._entry: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-        self._handed = False
-        self._task = asyncio.ensure_future(self._run(tail))
-
-    def complete(self, entry: Entry) -> asyncio.Task[None]:
-        if not self._handed:
-            self._handed = True
-            self._entry.set_result(entry)
-        return self._task
-
-    async def abort(self) -> None:
-        if not self._handed:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self, tail: Tail) -> None:
-        try:
-            upload_id = await self._create()
-            try:
-                parts, size, sha256 = await self._send_parts(upload_id, tail)
-                entry = await self._entry
-                if size != entry.size or sha256 != entry.sha256:
-                    raise GenerationFailed(
-                        f"{self._name}: the upload does not match the verified snapshot"
-                    )
-                await self.client.complete_multipart_upload(
-                    Bucket=self._config.bucket,
-                    Key=self._name,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            except BaseException as exc:
-                with contextlib.suppress(ClientError, BotoCoreError):
-                    await self.client.abort_multipart_upload(
-                        Bucket=self._config.bucket, Key=self._name, UploadId=upload_id
-                    )
-                if isinstance(exc, ClientError | BotoCoreError):
-                    raise self._cache.failed("upload", exc) from exc
-                raise
-        finally:
-            await tail.aclose()
-        await self._cache.publish(self._repo, entry)
-
-    async def _create(self) -> str:
-        try:
-            created = await self.client.create_multipart_upload(
-                Bucket=self._config.bucket, Key=self._name, ContentType="application/zstd"
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise self._cache.failed("create_upload", exc) from exc
-        return str(created["UploadId"])
-
-    async def _send_parts(
-        self, upload_id: str, tail: Tail
-    ) -> tuple[list[dict[str, Any]], int, str]:
-        part_size = self._config.part_size
-        slots = asyncio.Semaphore(self._config.upload_concurrency)
-        digest = hashlib.sha256()
-        size = 0
-        tasks: list[asyncio.Task[dict[str, Any]]] = []
-
-        async def send(number: int, data: bytes | bytearray) -> dict[str, Any]:
-            try:
-                result = await self.client.upload_part(
-                    Bucket=self._config.bucket,
-                    Key=self._name,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=data,
-                )
-                return {"ETag": result["ETag"], "PartNumber": number}
-            finally:
-                slots.release()
-
-        async def ship(data: bytes | bytearray) -> None:
-            # hashlib lets go of the GIL on large buffers: hashing stays off the loop.
-            await asyncio.to_thread(digest.update, data)
-            tasks.append(asyncio.ensure_future(send(len(tasks) + 1, data)))
-
-        try:
-            await slots.acquire()
-            part = bytearray()
-            async for chunk in tail:
-                part += chunk
-                size += len(chunk)
-                if len(part) >= part_size:
-                    await ship(part)
-                    await slots.acquire()  # a free slot before the next part fills
-                    part = bytearray()
-            if part or not tasks:
-                await ship(part)
-            else:
-                slots.release()
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return list(parts), size, digest.hexdigest()
-
-
-class FileTail:
-    """A whole, already verified file as a tail. The file is opened at once, so a spool
-    renamed or an entry evicted meanwhile is still read whole."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("rb")
-
-    def __aiter__(self) -> FileTail:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if chunk := await run_blocking(self._file.read, CHUNK):
-            return chunk
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        self._file.close()

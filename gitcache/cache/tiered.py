@@ -22,7 +22,8 @@ from pathlib import Path
 
 from gitcache.cache.base import Entry, Reader, Tail, Upload
 from gitcache.cache.disk import DiskCache
-from gitcache.cache.s3 import FileTail, S3Cache, S3Error
+from gitcache.cache.s3 import S3Cache, S3Error
+from gitcache.cache.upload import FileTail
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 

@@ -166,7 +166,6 @@ class SpoolReader:
         self._fd = os.dup(fd)
         self._offset = 0
         self._tier = tier
-        self._chunk = CHUNK if tier else READ_CHUNK  # one tier reader: fewer, larger reads
         if not tier:
             generation.readers += 1
 
@@ -174,23 +173,31 @@ class SpoolReader:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._fd < 0 or await self.extent(self._offset + 1) <= self._offset:
+            raise StopAsyncIteration
+        want = min(READ_CHUNK, self._generation.size - self._offset)
+        # run_blocking: on cancel, the thread is done with the fd before aclose.
+        chunk = await run_blocking(os.pread, self._fd, want, self._offset)
+        self._offset += len(chunk)
+        return chunk
+
+    async def extent(self, want: int) -> int:
+        """Until the spool holds ``want`` bytes or has ended: how many it holds, fewer than
+        ``want`` only at its end. Raises if the generation failed."""
         generation = self._generation
         while True:
-            if self._fd < 0:
-                raise StopAsyncIteration
-            if self._offset < generation.size:
-                want = min(self._chunk, generation.size - self._offset)
-                # run_blocking: on cancel, the thread is done with the fd before aclose.
-                chunk = await run_blocking(os.pread, self._fd, want, self._offset)
-                self._offset += len(chunk)
-                return chunk
+            if generation.size >= want:
+                return want
             if generation.error is not None:
                 error = generation.error
                 detail = f": {error.message}" if isinstance(error, GitcacheError) else ""
                 raise GenerationFailed(f"snapshot generation failed{detail}")
             if generation.done or (self._tier and generation.verified):
-                raise StopAsyncIteration
+                return generation.size
             await generation.changed()
+
+    def fileno(self) -> int:
+        return self._fd
 
     async def aclose(self) -> None:
         if self._fd >= 0:
