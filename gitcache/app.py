@@ -19,6 +19,7 @@ from gitcache.config import Config
 from gitcache.health import Health
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gitcache.metrics import Metrics
+from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
@@ -100,7 +101,13 @@ def create_app(
         await cache.close()
 
     async def snapshots(app: web.Application) -> AsyncIterator[None]:
-        app[keys.MIRRORS] = MirrorStore(config, app[keys.TASKS], app[keys.METRICS], clock)
+        bucket = _shared_bucket(app[keys.CACHE])
+        archives = None
+        if bucket is not None and config.mirrors.archive_interval:
+            archives = MirrorArchives(bucket, state / "tmp", clock)
+        app[keys.MIRRORS] = MirrorStore(
+            config, app[keys.TASKS], app[keys.METRICS], clock, archives=archives
+        )
         service = SnapshotService(
             config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
         )

@@ -49,6 +49,7 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_KEEP = 2
 DEFAULT_EVICT_AFTER = 30 * 86400.0
 DEFAULT_MAINTENANCE_INTERVAL = 86400.0
+DEFAULT_ARCHIVE_INTERVAL = 6 * 3600.0
 DEFAULT_REFRESH_INTERVAL = 600.0
 DEFAULT_IDLE_AFTER = 7 * 86400.0
 DEFAULT_REFRESH_CONCURRENCY = 4
@@ -95,6 +96,7 @@ class MirrorsConfig:
     git_timeout: float = DEFAULT_GIT_TIMEOUT
     evict_after: float = DEFAULT_EVICT_AFTER
     maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL
+    archive_interval: float = DEFAULT_ARCHIVE_INTERVAL  # 0: no mirror archives
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "git_timeout": parse_duration,
         "evict_after": parse_duration,
         "maintenance_interval": parse_duration,
+        "archive_interval": parse_duration,
     },
     "refresh": {
         "interval": parse_duration,

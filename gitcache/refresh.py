@@ -8,8 +8,10 @@ the next request is a hit; unchanged refs cost one ``ls-remote`` and nothing els
 repository whose upstream fails is retried with exponential backoff up to
 ``refresh.backoff_max``. Run times are persisted, so a restart does not refetch everything.
 
-The same sweep deletes mirrors idle longer than ``mirrors.evict_after`` and runs mirror
-maintenance every ``mirrors.maintenance_interval``.
+The same sweep deletes mirrors idle longer than ``mirrors.evict_after``, runs mirror
+maintenance every ``mirrors.maintenance_interval`` and, with a shared bucket, archives each
+mirror there every ``mirrors.archive_interval`` (one replica at a time, under a lease, and
+only when its refs moved), so a new replica restores mirrors instead of cloning them.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RepoState:
     last_result: str = ""
     failures: int = 0
     last_maintenance: float = 0.0
+    last_archive: float = 0.0  # 0: due as soon as the mirror exists
 
 
 class Refresher:
@@ -154,6 +157,9 @@ class Refresher:
                 # The mirror's write lock orders it with a refresh of the same repository.
                 state.last_maintenance = now
                 self._start("maintain", repo, functools.partial(self._maintain, repo))
+            if self._archive_due(repo, state, now):
+                state.last_archive = now
+                self._start("archive", repo, functools.partial(self._archive, repo))
 
     async def settle(self) -> None:
         """Until every job started so far has finished."""
@@ -238,6 +244,23 @@ class Refresher:
         if (mirror.path / "HEAD").exists():
             async with self._slots:
                 await self._upkeep.maintain(mirror)
+
+    def _archive_due(self, repo: RepoRef, state: RepoState, now: float) -> bool:
+        interval = self._config.mirrors.archive_interval
+        if not self._mirrors.archives or not interval or now - state.last_archive < interval:
+            return False
+        return (self._mirrors.mirror(repo).path / "HEAD").exists()
+
+    async def _archive(self, repo: RepoRef) -> None:
+        assert self._leases is not None
+        interval = self._config.mirrors.archive_interval
+        if not await self._leases.claim(repo, self._owner, interval, self._clock(), "archive"):
+            return
+        async with self._slots:
+            try:
+                await self._mirrors.archive(repo)
+            except Exception as exc:  # counted by the store; the next interval tries again
+                log.warning("could not archive the mirror of %s: %s", repo.name, exc)
 
     async def _pinned_ages(self, now: float) -> None:
         """Per-repository labels only for pinned repositories: bounded cardinality."""

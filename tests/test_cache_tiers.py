@@ -28,8 +28,8 @@ from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 from tests.conftest import free_port, start_s3_server
-from tests.helpers import HOST, Clock, snapshot_url, wrap_build_tar
-from tests.upstream import Upstream, agit, commit_all, git
+from tests.helpers import HOST, snapshot_url, wrap_build_tar
+from tests.upstream import Upstream
 
 REPO = RepoRef(HOST, "group/repo")
 
@@ -236,26 +236,6 @@ async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
     await cache.close()
 
 
-async def test_replicas_share_a_bucket(
-    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
-) -> None:
-    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
-    first = await make_client(cache=cache)
-    miss = await first.get(snapshot_url(rich))
-    body = await miss.read()
-    assert miss.headers["X-Gitcache-Source"] == "miss"
-    hit = await first.get(snapshot_url(rich))
-    assert hit.headers["X-Gitcache-Source"] == "hit"
-    assert await hit.read() == body
-    ranged = await first.get(snapshot_url(rich), headers={"Range": "bytes=10-19"})
-    assert ranged.status == 206 and await ranged.read() == body[10:20]
-
-    replica = await make_client(state=tmp_path / "replica-b", cache=cache)
-    response = await replica.get(snapshot_url(rich))
-    assert response.headers["X-Gitcache-Source"] == "hit"  # made by the other replica
-    assert await response.read() == body
-
-
 async def test_tiered_upload_and_fill_across_replicas(
     make_client: Any,
     rich: str,
@@ -356,37 +336,3 @@ async def test_s3_down_then_back(make_client: Any, rich: str) -> None:
     finally:
         server.terminate()
         server.wait()
-
-
-async def test_one_replica_wins_the_refresh_lease(
-    make_client: Any,
-    upstream: Upstream,
-    rich: str,
-    s3_endpoint: str,
-    s3_bucket: str,
-    tmp_path: Path,
-) -> None:
-    clock = Clock()
-    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
-    replicas = [
-        await make_client(clock=clock, background=False, state=tmp_path / name, cache=cache)
-        for name in ("a", "b")
-    ]
-    for replica in replicas:
-        await (await replica.get(snapshot_url(rich))).read()
-    work = tmp_path / "work"
-    await agit("clone", "-q", upstream.url(rich), str(work))
-    (work / "new.txt").write_text("new\n")
-    new = commit_all(work, "new")
-    git("push", "-q", str(upstream.root / f"{rich}.git"), "HEAD:main", cwd=work)
-
-    before = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
-    clock.now += 3600
-    await asyncio.gather(*(r.app[keys.REFRESHER].run_due() for r in replicas))
-    after = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
-    assert after - before == 1  # one replica regenerated and uploaded; the other did not
-    for replica in replicas:
-        response = await replica.get(snapshot_url(rich))
-        assert response.headers["X-Gitcache-Source"] == "hit"
-        assert response.headers["X-Gitcache-Commit"] == new
-        await response.read()

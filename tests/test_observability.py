@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 from gitcache.errors import GitError
 from gitcache.log import setup_logging
 from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
+from tests.processes import start_gitcache
 from tests.upstream import Upstream
 
 ROOT = Path(__file__).parent.parent
@@ -179,30 +179,18 @@ async def test_readiness(client: Any) -> None:
 
 
 async def test_sigterm_during_a_stream_and_a_generation(
-    upstream: Upstream, big_work: Path, tmp_path: Path, state_dir: Path, unused_tcp_port: int
+    upstream: Upstream, big_work: Path, tmp_path: Path
 ) -> None:
     upstream.create("big", big_work)
-    config = tmp_path / "gitcache.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{unused_tcp_port}"\nstate_dir = "{state_dir}"\n'
-        'shutdown_timeout = "1s"\ndrain_delay = "1s"\n'
-        "[snapshot]\nzstd_level = 19\n"  # slow on purpose: the generation is still running
-        f'[upstreams."{HOST}"]\nurl = "{upstream.url("{repo}")}"\nallow_private = true\n'
+    process = await start_gitcache(
+        tmp_path,
+        "state",
+        upstream,
+        server={"shutdown_timeout": "1s", "drain_delay": "1s"},
+        snapshot={"zstd_level": 19},  # slow on purpose: the generation is still running
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)
-    )
-    base = f"http://127.0.0.1:{unused_tcp_port}"
+    proc, base, state_dir = process.proc, process.base, process.state_dir
     async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                if (await session.get(f"{base}/readyz")).status == 200:
-                    break
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("gitcache never became ready")
         stream = await session.get(base + snapshot_url("big"))
         assert stream.status == 200
         await stream.content.read(100)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import random
@@ -30,9 +32,10 @@ from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.cache.upload import FileTail, S3Upload
 from gitcache.config import S3CacheConfig
-from gitcache.errors import GitcacheError
+from gitcache.errors import GenerationFailed, GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
+from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +225,14 @@ class S3Cache:
 
     # --- leases -------------------------------------------------------------------------
 
-    async def claim(self, repo: RepoRef, owner: str, ttl: float, now: float) -> bool:
-        """Claim the periodic work on ``repo`` for ``ttl`` seconds, so that N replicas do
-        not all regenerate and upload the same snapshot. A lease object is created with
-        ``If-None-Match: *``, or taken over once expired with ``If-Match`` on its ETag.
-        Claims fail open: if S3 cannot say, the work is done anyway."""
-        name = f"{self._config.prefix}leases/{repo.host}/{repo.slug}.json"
+    async def claim(
+        self, repo: RepoRef, owner: str, ttl: float, now: float, work: str = "refresh"
+    ) -> bool:
+        """Claim the periodic ``work`` on ``repo`` for ``ttl`` seconds, so that N replicas
+        do not all regenerate and upload the same snapshot (or archive the same mirror). A
+        lease object is created with ``If-None-Match: *``, or taken over once expired with
+        ``If-Match`` on its ETag. Claims fail open: if S3 cannot say, the work is done."""
+        name = self.shared_name("leases", work, repo.host, f"{repo.slug}.json")
         body = json.dumps({"owner": owner, "expires": now + ttl}).encode()
         try:
             try:
@@ -297,7 +302,7 @@ class S3Cache:
         """Complete the upload begun while the spool was written, or upload the verified
         spool now (it stays where it is); the object first, the manifest last."""
         if upload is None:
-            upload = S3Upload(self, repo, entry.key, FileTail(spool))
+            upload = self.begin(repo, entry.key, functools.partial(FileTail, spool))
         await upload.complete(entry)
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
@@ -322,18 +327,73 @@ class S3Cache:
     # --- upload -----------------------------------------------------------------------
 
     def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> S3Upload:
-        return S3Upload(self, repo, key, tail())
+        async def publish(entry: Entry) -> None:
+            # The entry beside the object (for the listing fallback), the manifest last.
+            await self.put_entry(self._sidecar(repo, key), entry)
+            await self._update_manifest(repo, lambda m: m.with_entry(entry))
 
-    async def publish(self, repo: RepoRef, entry: Entry) -> None:
-        """After the object is complete: its entry beside it (for the listing fallback),
-        then the manifest, last."""
+        return S3Upload(self, self.object_name(repo, key), tail(), publish)
+
+    async def put_entry(self, name: str, entry: Entry) -> None:
         try:
             await self.client.put_object(
                 Bucket=self._bucket,
-                Key=self._sidecar(repo, entry.key),
+                Key=name,
                 Body=json.dumps(entry.to_json()).encode(),
                 ContentType="application/json",
             )
         except (ClientError, BotoCoreError) as exc:
             raise self.failed("put_entry", exc) from exc
-        await self._update_manifest(repo, lambda m: m.with_entry(entry))
+
+    # --- files outside the snapshot manifest (mirror archives) --------------------------
+
+    def shared_name(self, *parts: str) -> str:
+        return self._config.prefix + "/".join(parts)
+
+    async def upload_file(self, name: str, path: Path, entry: Entry) -> None:
+        """A verified local file as the object ``name``, then its entry beside it
+        (``name`` + ``.entry.json``): a reader that finds the entry finds the object."""
+
+        async def publish(done: Entry) -> None:
+            await self.put_entry(name + ENTRY_SUFFIX, done)
+
+        await S3Upload(self, name, FileTail(path), publish).complete(entry)
+
+    async def read_entry(self, name: str) -> Entry | None:
+        """The entry published beside the object ``name``; None if there is none."""
+        try:
+            response = await self.client.get_object(Bucket=self._bucket, Key=name + ENTRY_SUFFIX)
+            async with response["Body"] as body:
+                return Entry.from_json(json.loads(await body.read()))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise self.failed("get_entry", exc) from exc
+        except BotoCoreError as exc:
+            raise self.failed("get_entry", exc) from exc
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def download(self, name: str, entry: Entry, dest: Path) -> None:
+        """The object ``name`` into the new file ``dest``, checked against ``entry``;
+        raises (and removes ``dest``) if it does not match."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            response = await self.client.get_object(Bucket=self._bucket, Key=name)
+            body = response["Body"]
+            try:
+                with dest.open("xb") as out:
+                    while chunk := await body.read(CHUNK):
+                        await run_blocking(out.write, chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+            finally:
+                body.close()
+            if size != entry.size or digest.hexdigest() != entry.sha256:
+                raise GenerationFailed(f"{name} does not match its entry")
+        except BaseException as exc:
+            await run_blocking(dest.unlink, missing_ok=True)
+            if isinstance(exc, ClientError | BotoCoreError):
+                raise self.failed("download", exc) from exc
+            raise

@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gitcache.cache.base import Entry, Tail
 from gitcache.errors import GenerationFailed
-from gitcache.repo import RepoRef
 from gitcache.tasks import run_blocking
 
 if TYPE_CHECKING:
@@ -122,12 +122,19 @@ def hash_range(digest: Any, fd: int, start: int, length: int) -> None:
 class S3Upload:
     """One object's multipart upload, from a tail of its spool (see the module)."""
 
-    def __init__(self, cache: S3Cache, repo: RepoRef, key: str, tail: Tail) -> None:
+    def __init__(
+        self,
+        cache: S3Cache,
+        name: str,
+        tail: Tail,
+        publish: Callable[[Entry], Awaitable[None]],
+    ) -> None:
+        """Upload ``tail`` as the object ``name``; once complete, ``publish`` its entry."""
         self._cache = cache
         self._client = cache.client
         self._config = cache.config
-        self._repo = repo
-        self._name = cache.object_name(repo, key)
+        self._name = name
+        self._publish = publish
         self._entry: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._handed = False
         self._task = asyncio.ensure_future(self._run(tail))
@@ -169,7 +176,7 @@ class S3Upload:
                 raise
         finally:
             await tail.aclose()
-        await self._cache.publish(self._repo, entry)
+        await self._publish(entry)
 
     async def _create(self) -> str:
         try:

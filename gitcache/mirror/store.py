@@ -21,6 +21,7 @@ from pathlib import Path
 from gitcache.config import Config
 from gitcache.errors import GitError, GitTimeout, NotFound, UpstreamError, UpstreamTimeout
 from gitcache.metrics import Metrics
+from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.credentials import credential_env
 from gitcache.mirror.lock import RWLock
 from gitcache.mirror.refs import RefState, read_ref_state
@@ -94,9 +95,14 @@ class MirrorStore:
         tasks: TaskSet,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        archives: MirrorArchives | None = None,
     ) -> None:
+        """``archives``: the shared bucket's mirror archives, to restore a missing mirror
+        from before cloning it."""
         self._config = config
         self._metrics = metrics
+        self._archives = archives
+        self.archives = archives is not None
         self.root = config.server.state_dir / "mirrors"
         self.tmp = config.server.state_dir / "tmp"
         self._clock = clock
@@ -152,8 +158,7 @@ class MirrorStore:
 
     async def _update(self, mirror: Mirror, window: float) -> Mirror:
         if not (mirror.path / "HEAD").exists():
-            async with self._operation("clone", mirror):
-                await self._clone(mirror)
+            await self._clone(mirror)
         elif self._clock() - mirror.fetched_at >= window:
             async with self._operation("fetch", mirror):
                 await self._fetch(mirror)
@@ -163,14 +168,51 @@ class MirrorStore:
 
     async def _clone(self, mirror: Mirror) -> None:
         started = time.monotonic()
-        tmp, refs = await self._clone_into_tmp(mirror)
+        restored = await self._restore_into_tmp(mirror)
+        if restored:
+            tmp, refs = restored
+        else:
+            async with self._operation("clone", mirror):
+                tmp, refs = await self._clone_into_tmp(mirror)
         try:
             mirror.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.rename(mirror.path)
         finally:
             await self._remove(tmp)
         mirror.refs, mirror.fetched_at = refs, self._clock()
-        log.info("cloned %s in %.2fs", mirror.repo.name, time.monotonic() - started)
+        how = "restored from its archive and fetched" if restored else "cloned"
+        log.info("%s %s in %.2fs", how, mirror.repo.name, time.monotonic() - started)
+
+    async def _restore_into_tmp(self, mirror: Mirror) -> tuple[Path, RefState] | None:
+        """Unpack the bucket's archive of the mirror into a new directory under ``tmp``
+        and bring it up to date from the upstream; None (and nothing left behind) when
+        there is no archive or any step fails: then the caller clones."""
+        if self._archives is None:
+            return None
+        tmp = self.tmp / f"restore-{uuid.uuid4().hex}"
+        try:
+            archive = await self._archives.newest(mirror.repo)
+            if archive is None:
+                return None
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            async with self._operation("restore", mirror):
+                await self._archives.restore(mirror.repo, archive, tmp)
+                # The archive's bytes were checked; that every object its refs reach is
+                # there and readable is checked here, before anything is built from it.
+                await run_git(
+                    ["-C", str(tmp), "fsck", "--connectivity-only", "--no-progress"],
+                    timeout=self._config.mirrors.clone_timeout,
+                )
+                await self._configure(tmp, mirror.url)
+                known = await asyncio.to_thread(read_ref_state, tmp)
+                refs = await self._sync(mirror, tmp, known, contextlib.nullcontext)
+                (tmp / FETCH_STAMP).touch()
+        except Exception as exc:
+            # Whatever went wrong (the archive, the bucket, the fetch), a clone still can.
+            log.warning("could not restore %s from its archive, cloning: %s", mirror.repo.name, exc)
+            await self._remove(tmp)
+            return None
+        return tmp, refs or known
 
     @contextlib.asynccontextmanager
     async def _operation(self, operation: str, mirror: Mirror) -> AsyncIterator[None]:
@@ -183,6 +225,17 @@ class MirrorStore:
         finally:
             self._metrics.mirror_operations.labels(operation, result).inc()
             self._metrics.mirror_duration.labels(operation).observe(time.monotonic() - started)
+
+    async def archive(self, repo: RepoRef) -> bool:
+        """Archive the mirror in the shared bucket (if its refs moved since the last
+        archive); whether one was uploaded."""
+        assert self._archives is not None
+        mirror = await self.ensure(repo)
+        async with self._operation("archive", mirror):
+            uploaded = await self._archives.save(mirror)
+        if uploaded:
+            log.info("archived the mirror of %s in the bucket", repo.name)
+        return uploaded
 
     async def rebuild(self, mirror: Mirror) -> None:
         """Re-clone a damaged mirror beside it and swap it in; until the swap, requests
@@ -231,7 +284,7 @@ class MirrorStore:
                 )
             except GitError as exc:
                 raise upstream_failure(mirror.repo, exc) from exc
-            await self._configure(tmp)
+            await self._configure(tmp, mirror.url)
             await self._pack_refs(tmp)
             refs = await asyncio.to_thread(read_ref_state, tmp)
             self._metrics.upstream_bytes.inc(await asyncio.to_thread(objects_size, tmp))
@@ -246,36 +299,11 @@ class MirrorStore:
         await asyncio.to_thread(shutil.rmtree, path, True)
 
     async def _fetch(self, mirror: Mirror) -> None:
-        cfg = self._config.mirrors
         started = time.monotonic()
-        git_dir = str(mirror.path)
         try:
-            # One small round trip first: most refreshes find nothing new, and then no
-            # fetch negotiation, lock or ref rewrite is needed at all.
-            listing = await run_git(
-                ["-C", git_dir, "ls-remote", "--symref", "origin", *LS_REMOTE_PATTERNS],
-                timeout=cfg.git_timeout,
-                env=mirror.env,
-            )
-            head, advertised = parse_ls_remote(listing)
-            if mirror.refs is None or (head, advertised) != (mirror.refs.head, mirror.refs.refs):
-                async with mirror.lock.write():
-                    # What the upstream sent is what the object store grew by; measured
-                    # only when there is a fetch, not on every no-change refresh.
-                    before = await asyncio.to_thread(objects_size, mirror.path)
-                    await run_git(
-                        ["-C", git_dir, "fetch", "--prune", "--quiet", "origin"],
-                        timeout=cfg.fetch_timeout,
-                        env=mirror.env,
-                    )
-                    grown = await asyncio.to_thread(objects_size, mirror.path) - before
-                    self._metrics.upstream_bytes.inc(max(0, grown))
-                    if head is not None:  # fetch does not follow a new default branch
-                        await run_git(
-                            ["-C", git_dir, "symbolic-ref", "HEAD", head], timeout=cfg.git_timeout
-                        )
-                    await self._pack_refs(mirror.path)
-                    mirror.refs = await asyncio.to_thread(read_ref_state, mirror.path)
+            refs = await self._sync(mirror, mirror.path, mirror.refs, mirror.lock.write)
+            if refs is not None:
+                mirror.refs = refs
         except GitError as exc:
             if not _corrupt(exc):
                 raise upstream_failure(mirror.repo, exc) from exc
@@ -284,9 +312,49 @@ class MirrorStore:
         mirror.fetched_at = self._clock()
         log.info("fetched %s in %.2fs", mirror.repo.name, time.monotonic() - started)
 
-    async def _configure(self, git_dir: Path) -> None:
+    async def _sync(
+        self,
+        mirror: Mirror,
+        git_dir: Path,
+        known: RefState | None,
+        lock: Callable[[], contextlib.AbstractAsyncContextManager[object]],
+    ) -> RefState | None:
+        """Bring the mirror at ``git_dir`` up to the upstream: its new refs, or None when
+        they still equal ``known``. ``lock`` guards the fetch itself."""
+        cfg = self._config.mirrors
+        path = str(git_dir)
+        # One small round trip first: most refreshes find nothing new, and then no
+        # fetch negotiation, lock or ref rewrite is needed at all.
+        listing = await run_git(
+            ["-C", path, "ls-remote", "--symref", "origin", *LS_REMOTE_PATTERNS],
+            timeout=cfg.git_timeout,
+            env=mirror.env,
+        )
+        head, advertised = parse_ls_remote(listing)
+        if known is not None and (head, advertised) == (known.head, known.refs):
+            return None
+        async with lock():
+            # What the upstream sent is what the object store grew by; measured only when
+            # there is a fetch, not on every no-change refresh.
+            before = await asyncio.to_thread(objects_size, git_dir)
+            await run_git(
+                ["-C", path, "fetch", "--prune", "--quiet", "origin"],
+                timeout=cfg.fetch_timeout,
+                env=mirror.env,
+            )
+            grown = await asyncio.to_thread(objects_size, git_dir) - before
+            self._metrics.upstream_bytes.inc(max(0, grown))
+            if head is not None:  # fetch does not follow a new default branch
+                await run_git(["-C", path, "symbolic-ref", "HEAD", head], timeout=cfg.git_timeout)
+            await self._pack_refs(git_dir)
+            return await asyncio.to_thread(read_ref_state, git_dir)
+
+    async def _configure(self, git_dir: Path, url: str) -> None:
+        """The mirror's config, whoever made it (a clone, another replica's archive)."""
         timeout = self._config.mirrors.git_timeout
         base = ["-C", str(git_dir), "config"]
+        for key, value in {"remote.origin.url": url, **MIRROR_CONFIG}.items():
+            await run_git([*base, key, value], timeout=timeout)
         await run_git([*base, "--replace-all", "remote.origin.fetch", REFSPECS[0]], timeout=timeout)
         await run_git([*base, "--add", "remote.origin.fetch", REFSPECS[1]], timeout=timeout)
         # archive must give the tree a checkout gives: no export-ignore, no export-subst.

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
-import re
-import shutil
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from gitcache.errors import GitError
+from gitcache.mirror.pin import pin_objects
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import git_env, run_git
 from gitcache.mirror.store import Mirror
@@ -39,41 +37,6 @@ from gitcache.snapshot.tarstream import (
 )
 
 CHUNK = 1024 * 1024
-_PACK_FILE = re.compile(r"pack-[0-9a-f]+\.(pack|idx|rev|bitmap)")
-_LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copy2(src, dst)
-
-
-def pin_objects(git_dir: Path, work: Path) -> list[str]:
-    """Hard-link every complete pack and every loose object of ``git_dir`` into ``work``;
-    return their paths relative to ``work`` (``objects/pack/pack-….pack``, …)."""
-    objects = git_dir / "objects"
-    pinned: list[str] = []
-    pack_dir = objects / "pack"
-    names = set(os.listdir(pack_dir)) if pack_dir.is_dir() else set()
-    (work / "objects" / "pack").mkdir(parents=True, exist_ok=True)
-    for name in sorted(names):
-        # A pack counts only with its index: an .idx is renamed into place last.
-        if _PACK_FILE.fullmatch(name) and name.rsplit(".", 1)[0] + ".idx" in names:
-            _link_or_copy(pack_dir / name, work / "objects" / "pack" / name)
-            pinned.append(f"objects/pack/{name}")
-    for sub in sorted(os.listdir(objects)):
-        if not _LOOSE_DIR.fullmatch(sub):
-            continue
-        (work / "objects" / sub).mkdir(exist_ok=True)
-        for name in sorted(os.listdir(objects / sub)):
-            if not name.startswith("tmp_"):
-                _link_or_copy(objects / sub / name, work / "objects" / sub / name)
-                pinned.append(f"objects/{sub}/{name}")
-    return pinned
 
 
 async def _file_chunks(

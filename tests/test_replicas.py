@@ -1,0 +1,235 @@
+"""Replicas that share one bucket: hits across replicas, one lease winner per refresh,
+mirrors restored from the bucket's archives instead of cloned (with the fall back to a
+clone), and the same with two real gitcache processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import boto3
+import zstandard
+
+from gitcache import keys
+from gitcache.cache.base import Entry
+from gitcache.mirror.archive import write_archive
+from tests.helpers import Clock, extract, snapshot_url
+from tests.processes import metric, start_gitcache
+from tests.upstream import Upstream, agit, commit_all, git
+
+
+def s3_cache(endpoint: str, bucket: str) -> dict[str, Any]:
+    return {"backend": "s3", "s3": {"bucket": bucket, "endpoint_url": endpoint}}
+
+
+async def push_change(upstream: Upstream, repo: str, work: Path, name: str) -> str:
+    """Commit a new file upstream; its commit id."""
+    if not work.exists():
+        await agit("clone", "-q", upstream.url(repo), str(work))
+    await agit("-C", str(work), "pull", "-q")
+    (work / f"{name}.txt").write_text(f"{name}\n")
+    commit = commit_all(work, name)
+    git("push", "-q", str(upstream.root / f"{repo}.git"), "HEAD:main", cwd=work)
+    return commit
+
+
+async def test_replicas_share_a_bucket(
+    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    first = await make_client(cache=cache)
+    miss = await first.get(snapshot_url(rich))
+    body = await miss.read()
+    assert miss.headers["X-Gitcache-Source"] == "miss"
+    hit = await first.get(snapshot_url(rich))
+    assert hit.headers["X-Gitcache-Source"] == "hit"
+    assert await hit.read() == body
+    ranged = await first.get(snapshot_url(rich), headers={"Range": "bytes=10-19"})
+    assert ranged.status == 206 and await ranged.read() == body[10:20]
+
+    replica = await make_client(state=tmp_path / "replica-b", cache=cache)
+    response = await replica.get(snapshot_url(rich))
+    assert response.headers["X-Gitcache-Source"] == "hit"  # made by the other replica
+    assert await response.read() == body
+
+
+async def test_one_replica_wins_the_refresh_lease(
+    make_client: Any,
+    upstream: Upstream,
+    rich: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    replicas = [
+        await make_client(clock=clock, background=False, state=tmp_path / name, cache=cache)
+        for name in ("a", "b")
+    ]
+    for replica in replicas:
+        await (await replica.get(snapshot_url(rich))).read()
+    work = tmp_path / "work"
+    await agit("clone", "-q", upstream.url(rich), str(work))
+    (work / "new.txt").write_text("new\n")
+    new = commit_all(work, "new")
+    git("push", "-q", str(upstream.root / f"{rich}.git"), "HEAD:main", cwd=work)
+
+    before = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
+    clock.now += 3600
+    await asyncio.gather(*(r.app[keys.REFRESHER].run_due() for r in replicas))
+    after = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
+    assert after - before == 1  # one replica regenerated and uploaded; the other did not
+    for replica in replicas:
+        response = await replica.get(snapshot_url(rich))
+        assert response.headers["X-Gitcache-Source"] == "hit"
+        assert response.headers["X-Gitcache-Commit"] == new
+        await response.read()
+
+
+def mirror_operations(client: Any, operation: str, result: str = "ok") -> float:
+    return client.app[keys.METRICS].value(
+        "gitcache_mirror_operations_total", operation=operation, result=result
+    )
+
+
+async def test_a_new_replica_restores_the_mirror_from_the_archive(
+    make_client: Any,
+    upstream: Upstream,
+    rich: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    cache = s3_cache(s3_endpoint, s3_bucket)
+    first = await make_client(clock=clock, background=False, cache=cache)
+    await (await first.get(snapshot_url(rich))).read()
+    await first.app[keys.REFRESHER].run_due()  # a new mirror is archived at the next tick
+    assert mirror_operations(first, "archive") == 1
+    await first.app[keys.REFRESHER].run_due()
+    assert mirror_operations(first, "archive") == 1  # not again within the interval
+
+    new = await push_change(upstream, rich, tmp_path / "work", "after-archive")
+    second = await make_client(
+        clock=clock, background=False, state=tmp_path / "replica-b", cache=cache
+    )
+    response = await second.get(snapshot_url(rich), headers={"Cache-Control": "max-age=0"})
+    assert response.status == 200
+    assert response.headers["X-Gitcache-Commit"] == new  # restored, then fetched
+    body = await response.read()
+    assert mirror_operations(second, "restore") == 1
+    assert mirror_operations(second, "clone") == 0
+    metrics = [c.app[keys.METRICS] for c in (first, second)]
+    fetched = [m.value("gitcache_upstream_fetched_bytes_total") for m in metrics]
+    assert 0 < fetched[1] < fetched[0] / 2  # only the new commit came from the upstream
+
+    checkout = extract(body, tmp_path / "checkout")
+    git("fsck", "--no-progress", cwd=checkout)
+    assert (checkout / "after-archive.txt").read_text() == "after-archive\n"
+    mirror = second.app[keys.MIRRORS].mirror(first.app[keys.MIRRORS].known()[0].repo)
+    git("--git-dir", str(mirror.path), "fsck", "--connectivity-only", "--no-progress")
+    config = git("--git-dir", str(mirror.path), "config", "remote.origin.url")
+    assert config.strip() == upstream.url(rich)
+
+
+async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
+    make_client: Any,
+    upstream: Upstream,
+    rich: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """An archive whose bytes match its entry but whose pack is damaged: the restored
+    mirror fails its check, is thrown away, and the mirror is cloned."""
+    clock = Clock()
+    cache = s3_cache(s3_endpoint, s3_bucket)
+    first = await make_client(clock=clock, background=False, cache=cache)
+    await (await first.get(snapshot_url(rich))).read()
+    await first.app[keys.REFRESHER].run_due()
+    archives = first.app[keys.MIRRORS]._archives
+    assert archives is not None
+    name = archives.name(first.app[keys.MIRRORS].known()[0].repo)
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    raw = s3.get_object(Bucket=s3_bucket, Key=name)["Body"].read()
+    unpacked = tmp_path / "unpacked"
+    with (
+        zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as zstd,
+        tarfile.open(fileobj=zstd, mode="r|") as tar,
+    ):
+        tar.extractall(unpacked, filter="data")
+    for pack in (unpacked / "objects" / "pack").glob("*.pack"):
+        pack.write_bytes(pack.read_bytes()[:100])  # a truncated pack
+    size, sha256 = write_archive(unpacked, tmp_path / "broken.tar.zst")
+    bucket = first.app[keys.CACHE]
+    broken = Entry("x", "mirror", "", "d" * 64, size, sha256, clock.now, clock.now)
+    await bucket.upload_file(name, tmp_path / "broken.tar.zst", broken)  # type: ignore[attr-defined]
+
+    new = await push_change(upstream, rich, tmp_path / "work", "after-break")
+    second = await make_client(
+        clock=clock, background=False, state=tmp_path / "replica-b", cache=cache
+    )
+    response = await second.get(snapshot_url(rich), headers={"Cache-Control": "max-age=0"})
+    assert response.headers["X-Gitcache-Commit"] == new
+    body = await response.read()
+    assert mirror_operations(second, "restore", "error") == 1
+    assert mirror_operations(second, "clone") == 1
+    checkout = extract(body, tmp_path / "checkout")
+    git("fsck", "--no-progress", cwd=checkout)
+    assert not any((tmp_path / "replica-b" / "tmp").iterdir())  # the restore left nothing
+
+
+async def test_two_gitcache_processes_share_one_bucket(
+    upstream: Upstream, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Two real processes, one bucket: a snapshot one made is a hit on the other; after a
+    push, exactly one of them regenerates it (the lease), and both serve it as a hit."""
+    sections: dict[str, Any] = {
+        "cache": {"backend": "s3"},
+        "cache_s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint},
+        "refresh": {"interval": "2s"},
+        "mirrors": {"fetch_interval": "1s"},
+    }
+    replicas = [await start_gitcache(tmp_path, name, upstream, **sections) for name in "ab"]
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = snapshot_url(rich)
+            async with session.get(replicas[0].base + url) as miss:
+                assert miss.headers["X-Gitcache-Source"] == "miss"
+                body = await miss.read()
+            async with session.get(replicas[1].base + url) as hit:
+                assert hit.headers["X-Gitcache-Source"] == "hit"  # made by the other process
+                assert await hit.read() == body
+
+            new = await push_change(upstream, rich, tmp_path / "work", "pushed")
+            for _ in range(300):  # the refresh jobs pick the push up
+                commits = []
+                for replica in replicas:
+                    async with session.get(replica.base + url) as response:
+                        await response.read()
+                        commits.append(
+                            (
+                                response.headers["X-Gitcache-Commit"],
+                                response.headers["X-Gitcache-Source"],
+                            )
+                        )
+                if all(c == (new, "hit") for c in commits):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"the replicas never both served {new} as a hit: {commits}")
+            pages = []
+            for replica in replicas:
+                async with session.get(replica.base + "/metrics") as page:
+                    pages.append(await page.text())
+        started = [metric(p, "gitcache_generations_started_total") for p in pages]
+        assert started[0] + started[1] == 2  # the first miss, then one regeneration
+    finally:
+        for replica in replicas:
+            assert await replica.stop() == 0
