@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from gitcache.app import create_app
 from gitcache.config import Config, config_from_dict
+from tests.helpers import Clock
 from tests.upstream import Upstream, make_big_repo, make_rich_repo
 
 # Tests must not depend on the developer's git config; commits need an identity.
@@ -122,6 +123,12 @@ def rich(upstream: Upstream, rich_work: tuple[Path, dict[str, str]]) -> str:
     """The rich repository, served upstream as ``group/rich``."""
     upstream.create("group/rich", rich_work[0])
     return "group/rich"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """Injected time: tests move ``clock.now`` by hand instead of sleeping."""
+    return Clock()
 
 
 @pytest.fixture

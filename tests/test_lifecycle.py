@@ -21,11 +21,6 @@ REPO = RepoRef(HOST, "group/rich")
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 async def work(upstream: Upstream, rich: str, scratch: Path) -> Path:
     """A clone of the upstream to push new commits from."""
     path = scratch / "work"

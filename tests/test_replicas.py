@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import io
 import tarfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import boto3
+import pytest
 import zstandard
 
 from gitcache import keys
@@ -24,6 +26,20 @@ from tests.upstream import Upstream, agit, commit_all, git
 
 def s3_cache(endpoint: str, bucket: str) -> dict[str, Any]:
     return {"backend": "s3", "s3": {"bucket": bucket, "endpoint_url": endpoint}}
+
+
+@pytest.fixture
+def replica(
+    make_client: Any, s3_endpoint: str, s3_bucket: str, tmp_path: Path, clock: Clock
+) -> Callable[[str], Awaitable[Any]]:
+    """Start a replica on the shared bucket, with a state directory of its own; time
+    is ``clock``'s and refresh jobs run when the test says."""
+
+    async def start(name: str) -> Any:
+        cache = s3_cache(s3_endpoint, s3_bucket)
+        return await make_client(clock=clock, background=False, state=tmp_path / name, cache=cache)
+
+    return start
 
 
 async def push_change(upstream: Upstream, repo: str, work: Path, name: str) -> str:
@@ -58,34 +74,20 @@ async def test_replicas_share_a_bucket(
 
 
 async def test_one_replica_wins_the_refresh_lease(
-    make_client: Any,
-    upstream: Upstream,
-    rich: str,
-    s3_endpoint: str,
-    s3_bucket: str,
-    tmp_path: Path,
+    replica: Any, upstream: Upstream, rich: str, tmp_path: Path, clock: Clock
 ) -> None:
-    clock = Clock()
-    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
-    replicas = [
-        await make_client(clock=clock, background=False, state=tmp_path / name, cache=cache)
-        for name in ("a", "b")
-    ]
-    for replica in replicas:
-        await (await replica.get(snapshot_url(rich))).read()
-    work = tmp_path / "work"
-    await agit("clone", "-q", upstream.url(rich), str(work))
-    (work / "new.txt").write_text("new\n")
-    new = commit_all(work, "new")
-    git("push", "-q", str(upstream.root / f"{rich}.git"), "HEAD:main", cwd=work)
+    replicas = [await replica("a"), await replica("b")]
+    for client in replicas:
+        await (await client.get(snapshot_url(rich))).read()
+    new = await push_change(upstream, rich, tmp_path / "work", "new")
 
     before = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
     clock.now += 3600
     await asyncio.gather(*(r.app[keys.REFRESHER].run_due() for r in replicas))
     after = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
     assert after - before == 1  # one replica regenerated and uploaded; the other did not
-    for replica in replicas:
-        response = await replica.get(snapshot_url(rich))
+    for client in replicas:
+        response = await client.get(snapshot_url(rich))
         assert response.headers["X-Gitcache-Source"] == "hit"
         assert response.headers["X-Gitcache-Commit"] == new
         await response.read()
@@ -98,16 +100,9 @@ def mirror_operations(client: Any, operation: str, result: str = "ok") -> float:
 
 
 async def test_a_new_replica_restores_the_mirror_from_the_archive(
-    make_client: Any,
-    upstream: Upstream,
-    rich: str,
-    s3_endpoint: str,
-    s3_bucket: str,
-    tmp_path: Path,
+    replica: Any, upstream: Upstream, rich: str, tmp_path: Path
 ) -> None:
-    clock = Clock()
-    cache = s3_cache(s3_endpoint, s3_bucket)
-    first = await make_client(clock=clock, background=False, cache=cache)
+    first = await replica("a")
     await (await first.get(snapshot_url(rich))).read()
     await first.app[keys.REFRESHER].run_due()  # a new mirror is archived at the next tick
     assert mirror_operations(first, "archive") == 1
@@ -115,9 +110,7 @@ async def test_a_new_replica_restores_the_mirror_from_the_archive(
     assert mirror_operations(first, "archive") == 1  # not again within the interval
 
     new = await push_change(upstream, rich, tmp_path / "work", "after-archive")
-    second = await make_client(
-        clock=clock, background=False, state=tmp_path / "replica-b", cache=cache
-    )
+    second = await replica("b")
     response = await second.get(snapshot_url(rich), headers={"Cache-Control": "max-age=0"})
     assert response.status == 200
     assert response.headers["X-Gitcache-Commit"] == new  # restored, then fetched
@@ -138,18 +131,11 @@ async def test_a_new_replica_restores_the_mirror_from_the_archive(
 
 
 async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
-    make_client: Any,
-    upstream: Upstream,
-    rich: str,
-    s3_endpoint: str,
-    s3_bucket: str,
-    tmp_path: Path,
+    replica: Any, upstream: Upstream, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     """An archive whose bytes match its entry but whose pack is damaged: the restored
     mirror fails its check, is thrown away, and the mirror is cloned."""
-    clock = Clock()
-    cache = s3_cache(s3_endpoint, s3_bucket)
-    first = await make_client(clock=clock, background=False, cache=cache)
+    first = await replica("a")
     await (await first.get(snapshot_url(rich))).read()
     await first.app[keys.REFRESHER].run_due()
     archives = first.app[keys.MIRRORS]._archives
@@ -168,13 +154,11 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
         pack.write_bytes(pack.read_bytes()[:100])  # a truncated pack
     size, sha256 = write_archive(unpacked, tmp_path / "broken.tar.zst")
     bucket = first.app[keys.CACHE]
-    broken = Entry("x", "mirror", "", "d" * 64, size, sha256, clock.now, clock.now)
+    broken = Entry("x", "mirror", "", "d" * 64, size, sha256, 0.0, 0.0)
     await bucket.upload_file(name, tmp_path / "broken.tar.zst", broken)  # type: ignore[attr-defined]
 
     new = await push_change(upstream, rich, tmp_path / "work", "after-break")
-    second = await make_client(
-        clock=clock, background=False, state=tmp_path / "replica-b", cache=cache
-    )
+    second = await replica("b")
     response = await second.get(snapshot_url(rich), headers={"Cache-Control": "max-age=0"})
     assert response.headers["X-Gitcache-Commit"] == new
     body = await response.read()
@@ -182,7 +166,7 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     assert mirror_operations(second, "clone") == 1
     checkout = extract(body, tmp_path / "checkout")
     git("fsck", "--no-progress", cwd=checkout)
-    assert not any((tmp_path / "replica-b" / "tmp").iterdir())  # the restore left nothing
+    assert not any((tmp_path / "b" / "tmp").iterdir())  # the restore left nothing
 
 
 async def test_two_gitcache_processes_share_one_bucket(

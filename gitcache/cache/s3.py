@@ -58,6 +58,7 @@ class S3Error(GitcacheError):
 
 
 def _code(exc: Exception) -> str:
+    """S3's error code ("" for a failure that never reached S3)."""
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
@@ -288,11 +289,9 @@ class S3Cache:
         name = self.object_name(repo, entry.key)
         try:
             await self.client.head_object(Bucket=self._bucket, Key=name)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             if _code(exc) in _MISSING_CODES:
                 return None
-            raise self.failed("head", exc) from exc
-        except BotoCoreError as exc:
             raise self.failed("head", exc) from exc
         return S3Reader(entry, self.client, self._bucket, name)
 
@@ -365,11 +364,9 @@ class S3Cache:
             response = await self.client.get_object(Bucket=self._bucket, Key=name + ENTRY_SUFFIX)
             async with response["Body"] as body:
                 return Entry.from_json(json.loads(await body.read()))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             if _code(exc) in _MISSING_CODES:
                 return None
-            raise self.failed("get_entry", exc) from exc
-        except BotoCoreError as exc:
             raise self.failed("get_entry", exc) from exc
         except (ValueError, KeyError, TypeError):
             return None
