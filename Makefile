@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.upload
+	$(BIN)/python -m bench.mirror
 
 clean:
 	rm -rf $(VENV) .gitcache .pytest_cache .mypy_cache .ruff_cache
