@@ -217,3 +217,44 @@ async def test_two_gitcache_processes_share_one_bucket(
     finally:
         for replica in replicas:
             assert await replica.stop() == 0
+
+
+async def test_a_process_killed_mid_upload_leaves_nothing_visible(
+    upstream: Upstream, big_work: Path, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """SIGKILL while parts are being uploaded: no object, no entry, no manifest appear;
+    the pending multipart upload is aborted when gitcache starts again."""
+    upstream.create("big", big_work)
+    sections: dict[str, Any] = {
+        "cache": {"backend": "s3"},
+        "cache_s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint, "part_size": "5MiB"},
+        "mirrors": {"archive_interval": 0},
+        "snapshot": {"zstd_level": 19},  # slow on purpose: still generating when killed
+    }
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    process = await start_gitcache(tmp_path, "a", upstream, **sections)
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.get(process.base + snapshot_url("big"))
+            assert response.status == 200
+            for _ in range(600):
+                uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+                if uploads and s3.list_parts(
+                    Bucket=s3_bucket, Key=uploads[0]["Key"], UploadId=uploads[0]["UploadId"]
+                ).get("Parts"):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no part was uploaded")
+            process.proc.kill()
+            await process.proc.wait()
+            response.close()
+    finally:
+        await process.stop()
+    assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+
+    again = await start_gitcache(tmp_path, "a", upstream, **sections)
+    try:
+        assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    finally:
+        assert await again.stop() == 0
