@@ -162,7 +162,8 @@ class TieredCache:
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         await self.disk.touch(repo, entry, fetched_at)
-        await self._in_order(repo, lambda: self.s3.touch(repo, entry, fetched_at), "s3 touch")
+        # Not awaited: a request must not wait behind a large upload still completing.
+        self._in_order(repo, lambda: self.s3.touch(repo, entry, fetched_at), "s3 touch")
 
     async def prune(self, repo: RepoRef, ref: str, keep: int) -> None:
         await self.disk.prune(repo, ref, keep)
