@@ -93,13 +93,21 @@ class Refresher:
     # --- state -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read persisted run times; register pinned repositories, due at once."""
+        """Read persisted run times; adopt mirrors on disk it does not name; register
+        pinned repositories, due at once."""
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             data = json.loads(self._path.read_text("utf-8"))
             for name, raw in data["repos"].items():
                 host, path = name.split("/", 1)
                 self.repos[RepoRef(host, path)] = RepoState(**raw)
         now = self._clock()
+        for repo, fetched in self._mirrors.on_disk().items():
+            if repo not in self.repos:
+                # A mirror the state file does not know (the file was lost): adopted as
+                # last requested when it was last fetched, so that it is evicted once idle.
+                self.repos[repo] = RepoState(
+                    last_requested=fetched, next_run=now + self._interval(), last_maintenance=now
+                )
         for repo in self.pinned:
             state = self.repos.setdefault(repo, RepoState(refs=["HEAD"], last_maintenance=now))
             if "HEAD" not in state.refs:

@@ -44,6 +44,10 @@ class RepoRef:
         not allowed in a path, so two repositories never share a slug."""
         return self.path.replace("/", "%2F")
 
+    @classmethod
+    def from_slug(cls, host: str, slug: str) -> RepoRef:
+        return cls(host, slug.replace("%2F", "/"))
+
     @property
     def basename(self) -> str:
         return self.path.rsplit("/", 1)[-1]

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,24 @@ async def test_idle_mirror_is_evicted(
     await client.app[keys.REFRESHER].run_due()
     assert not mirror.exists()
     assert REPO not in client.app[keys.REFRESHER].repos
+
+
+async def test_a_mirror_the_state_file_forgot_is_still_evicted(
+    make_client: Any, rich: str, clock: Clock, state_dir: Path
+) -> None:
+    first = await make_client(clock=clock, background=False, mirrors={"evict_after": "1d"})
+    await get(first, snapshot_url(rich))
+    await first.close()
+    (state_dir / "refresh.json").unlink()  # lost: the mirror is known to nobody
+    mirror = state_dir / "mirrors" / HOST / "group%2Frich.git"
+    os.utime(mirror / "gitcache-fetched", (clock.now, clock.now))
+
+    client = await make_client(clock=clock, background=False, mirrors={"evict_after": "1d"})
+    await client.app[keys.REFRESHER].run_due()
+    assert mirror.exists()  # adopted, not idle yet
+    clock.now += 2 * 86400
+    await client.app[keys.REFRESHER].run_due()
+    assert not mirror.exists()
 
 
 async def test_damaged_mirror_is_rebuilt_while_hits_keep_serving(

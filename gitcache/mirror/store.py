@@ -134,6 +134,19 @@ class MirrorStore:
     def known(self) -> list[Mirror]:
         return list(self._mirrors.values())
 
+    def on_disk(self) -> dict[RepoRef, float]:
+        """Every mirror on disk of a configured upstream, with when it was last fetched."""
+        found: dict[RepoRef, float] = {}
+        for host in self._config.upstreams:
+            for path in (self.root / host).glob("*.git"):
+                stamp = path / FETCH_STAMP
+                with contextlib.suppress(OSError):
+                    fetched = (stamp if stamp.exists() else path).stat().st_mtime
+                    found[RepoRef(host, path.name.removesuffix(".git").replace("%2F", "/"))] = (
+                        fetched
+                    )
+        return found
+
     async def ensure(self, repo: RepoRef, max_age: float | None = None) -> Mirror:
         """Return the mirror with its refs loaded, cloning it if missing and fetching it if
         its last fetch is older than ``max_age`` (default: the configured window)."""
