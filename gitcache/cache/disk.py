@@ -111,7 +111,7 @@ class DiskCache:
         self.root.mkdir(parents=True, exist_ok=True)
         for host_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for repo_dir in sorted(p for p in host_dir.iterdir() if p.is_dir()):
-                repo = RepoRef(host_dir.name, repo_dir.name.replace("%2F", "/"))
+                repo = RepoRef.from_slug(host_dir.name, repo_dir.name)
                 manifest = Manifest()
                 with contextlib.suppress(OSError, ValueError):
                     manifest = Manifest.loads((repo_dir / MANIFEST_NAME).read_bytes())

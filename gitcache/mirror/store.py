@@ -142,9 +142,7 @@ class MirrorStore:
                 stamp = path / FETCH_STAMP
                 with contextlib.suppress(OSError):
                     fetched = (stamp if stamp.exists() else path).stat().st_mtime
-                    found[RepoRef(host, path.name.removesuffix(".git").replace("%2F", "/"))] = (
-                        fetched
-                    )
+                    found[RepoRef.from_slug(host, path.name.removesuffix(".git"))] = fetched
         return found
 
     async def ensure(self, repo: RepoRef, max_age: float | None = None) -> Mirror:
