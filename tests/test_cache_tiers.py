@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import boto3
 import pytest
+import zstandard
 
 from gitcache import keys
 from gitcache.cache.base import Cache, Entry
@@ -304,37 +306,96 @@ async def test_redirect_to_a_presigned_url(
     assert ranged.status == 206 and await ranged.read() == body[:10]
 
 
-async def test_s3_down_then_back(make_client: Any, rich: str) -> None:
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+class FlakyS3:
+    """An S3 server of a test's own, on a fixed port, that the test stops and starts."""
 
-    def start_s3() -> subprocess.Popen[bytes]:
-        proc = start_s3_server(port)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-            Bucket="gitcache-flaky"
+    bucket = "gitcache-flaky"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Up, with an empty bucket (moto keeps nothing across restarts)."""
+        self._proc = start_s3_server(self.port)
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(
+            Bucket=self.bucket
         )
-        return proc
 
-    server = start_s3()
-    cache = {"backend": "s3", "s3": {"bucket": "gitcache-flaky", "endpoint_url": endpoint}}
-    client = await make_client(cache=cache)
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._proc = None
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        return {"backend": "s3", "s3": {"bucket": self.bucket, "endpoint_url": self.endpoint}}
+
+
+@pytest.fixture
+def flaky_s3() -> Iterator[FlakyS3]:
+    server = FlakyS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_s3_down_then_back(make_client: Any, rich: str, flaky_s3: FlakyS3) -> None:
+    client = await make_client(cache=flaky_s3.cache)
     await (await client.get(snapshot_url(rich))).read()
     assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
 
-    server.terminate()
-    server.wait()
+    flaky_s3.stop()
     down = await client.get(snapshot_url(rich))  # S3 is gone: a miss, streamed
     assert down.status == 200 and down.headers["X-Gitcache-Source"] == "miss"
     await down.read()
     assert (await client.get("/healthz")).status == 200
 
-    server = start_s3()  # back, empty: the next miss fills it and hits follow
+    flaky_s3.start()  # back, empty: the next miss fills it and hits follow
+    again = await client.get(snapshot_url(rich))
+    await again.read()
+    back = await client.get(snapshot_url(rich))
+    assert back.headers["X-Gitcache-Source"] == "hit"
+    await back.read()
+
+
+async def test_s3_dies_mid_upload_and_the_client_still_gets_its_snapshot(
+    make_client: Any,
+    upstream: Upstream,
+    big_work: Path,
+    flaky_s3: FlakyS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The upload fails part-way; the generation does not: its client gets every byte,
+    verified, and the failure is counted."""
+    upstream.create("big", big_work)
+    gate = asyncio.Event()
+
+    async def hold_at_12mib(sent: int) -> None:
+        if sent >= 12 * 1024 * 1024:
+            await gate.wait()
+
+    wrap_build_tar(monkeypatch, hold_at_12mib)
+    cache = flaky_s3.cache
+    cache["s3"]["part_size"] = 5 * 1024**2
+    client = await make_client(cache=cache, mirrors={"archive_interval": 0})
+    s3 = boto3.client("s3", endpoint_url=flaky_s3.endpoint, region_name="us-east-1")
+    response = await client.get(snapshot_url("big"))
     try:
-        again = await client.get(snapshot_url(rich))
-        await again.read()
-        back = await client.get(snapshot_url(rich))
-        assert back.headers["X-Gitcache-Source"] == "hit"
-        await back.read()
+        for _ in range(400):
+            if s3.list_multipart_uploads(Bucket=flaky_s3.bucket).get("Uploads"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the upload never started")
+        flaky_s3.stop()
     finally:
-        server.terminate()
-        server.wait()
+        gate.set()
+    body = await response.read()
+    assert response.status == 200
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+    assert len(tar) > 24 * 1000 * 1000  # the whole snapshot, in one complete zstd frame
+    metrics = client.app[keys.METRICS]
+    assert metrics.value("gitcache_s3_errors_total", operation="upload") >= 1
