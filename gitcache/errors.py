@@ -82,6 +82,16 @@ class Overloaded(GitcacheError):
     retry_after = 5
 
 
+class EntryGone(GitcacheError):
+    """A cached snapshot's file vanished between the lookup and the first read (another
+    replica pruned it, a bucket lifecycle rule expired it). Raised before anything was
+    sent, so the request is served again; a client sees it only if that happens twice."""
+
+    status = 503
+    code = "snapshot_gone"
+    retry_after = 1
+
+
 class UpstreamError(GitcacheError):
     status = 502
     code = "upstream_error"

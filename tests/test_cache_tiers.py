@@ -25,13 +25,13 @@ from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
 from gitcache.cache.tiered import TieredCache
 from gitcache.config import S3CacheConfig
-from gitcache.errors import GenerationFailed
+from gitcache.errors import EntryGone, GenerationFailed
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 from tests.conftest import free_port, start_s3_server
-from tests.helpers import HOST, snapshot_url, wrap_build_tar
-from tests.upstream import Upstream
+from tests.helpers import HOST, extract, snapshot_url, wrap_build_tar
+from tests.upstream import Upstream, git
 
 REPO = RepoRef(HOST, "group/repo")
 
@@ -92,6 +92,17 @@ async def read_all(cache: Cache, e: Entry, offset: int = 0, length: int | None =
         await reader.close()
 
 
+async def gone(cache: Cache, e: Entry) -> bool:
+    """The entry cannot be read: ``open`` says so, or (S3) the first read does."""
+    if await cache.open(REPO, e) is None:
+        return True
+    try:
+        await read_all(cache, e)
+    except EntryGone:
+        return True
+    return False
+
+
 async def test_commit_lookup_read_prune_delete(tier: Cache, tmp_path: Path) -> None:
     size = 11 * 1024 * 1024  # three parts of 5 MiB on S3
     made = []
@@ -114,7 +125,7 @@ async def test_commit_lookup_read_prune_delete(tier: Cache, tmp_path: Path) -> N
 
     await tier.prune(REPO, "HEAD", 2)
     assert await tier.get(REPO, "key0") is None
-    assert await tier.open(REPO, made[0][0]) is None
+    assert await gone(tier, made[0][0])
     assert {e.key for e in await tier.entries(REPO)} == {"key1", "key2"}
     await tier.delete(REPO, "key1")
     assert [e.key for e in await tier.entries(REPO)] == ["key2"]
@@ -399,3 +410,30 @@ async def test_s3_dies_mid_upload_and_the_client_still_gets_its_snapshot(
     assert len(tar) > 24 * 1000 * 1000  # the whole snapshot, in one complete zstd frame
     metrics = client.app[keys.METRICS]
     assert metrics.value("gitcache_s3_errors_total", operation="upload") >= 1
+
+
+async def test_an_object_gone_from_the_bucket_is_served_again(
+    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The manifest still lists a snapshot whose object is gone (a lifecycle rule, another
+    replica's prune): the first read finds out before anything was sent, the entry is
+    forgotten, and the request is served again, from a new generation."""
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    client = await make_client(cache=cache, mirrors={"archive_interval": 0})
+    await (await client.get(snapshot_url(rich))).read()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    listed = s3.list_objects_v2(Bucket=s3_bucket)["Contents"]
+    (name,) = [o["Key"] for o in listed if o["Key"].endswith(".tar.zst")]
+    s3.delete_object(Bucket=s3_bucket, Key=name)
+
+    head = await client.head(snapshot_url(rich))  # a HEAD reads nothing: still a hit
+    assert head.headers["X-Gitcache-Source"] == "hit"
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 200
+    assert response.headers["X-Gitcache-Source"] == "miss"
+    checkout = extract(await response.read(), tmp_path / "checkout")
+    git("fsck", "--no-progress", cwd=checkout)
+    await client.app[keys.TASKS].settle("generate:")
+    again = await client.get(snapshot_url(rich))
+    assert again.headers["X-Gitcache-Source"] == "hit"
+    await again.read()

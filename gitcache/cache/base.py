@@ -9,7 +9,7 @@ completes it only at the commit, with the verified entry.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -54,7 +54,7 @@ class Reader(Protocol):
     @property
     def file(self) -> BinaryIO | None: ...
 
-    def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]: ...
+    def chunks(self, offset: int, length: int) -> AsyncGenerator[bytes, None]: ...
 
     async def close(self) -> None: ...
 
@@ -99,7 +99,8 @@ class Cache(Protocol):
     async def get(self, repo: RepoRef, key: str) -> Entry | None: ...
 
     async def open(self, repo: RepoRef, entry: Entry) -> Reader | None:
-        """Open an entry for reading (a use, for eviction); None if it is gone."""
+        """Open an entry for reading (a use, for eviction); None if it is gone. A tier
+        that learns that only from its first read (S3) raises ``EntryGone`` there."""
 
     def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> Upload | None:
         """Start copying a generation's spool while it is written, through a reader that

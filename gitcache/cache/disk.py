@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +34,7 @@ class DiskReader:
         self.file: BinaryIO | None = file
         self._file = file
 
-    async def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]:
+    async def chunks(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         while length > 0:
             chunk = await asyncio.to_thread(
                 os.pread, self._file.fileno(), min(CHUNK, length), offset

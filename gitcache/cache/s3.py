@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.cache.upload import FileTail, S3Upload
 from gitcache.config import S3CacheConfig
-from gitcache.errors import GenerationFailed, GitcacheError
+from gitcache.errors import EntryGone, GenerationFailed, GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from gitcache.tasks import run_blocking
@@ -69,14 +69,20 @@ class S3Reader:
 
     file = None
 
-    def __init__(self, entry: Entry, client: Any, bucket: str, key: str) -> None:
+    def __init__(self, entry: Entry, cache: S3Cache, key: str) -> None:
         self.entry = entry
-        self.client, self._bucket, self._key = client, bucket, key
+        self._cache = cache
+        self._client, self._bucket, self._key = cache.client, cache.config.bucket, key
 
-    async def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        response = await self.client.get_object(
-            Bucket=self._bucket, Key=self._key, Range=f"bytes={offset}-{offset + length - 1}"
-        )
+    async def chunks(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        try:
+            response = await self._client.get_object(
+                Bucket=self._bucket, Key=self._key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            if _code(exc) in _MISSING_CODES:
+                raise EntryGone(f"{self._key} is gone from the bucket") from exc
+            raise self._cache.failed("get", exc) from exc
         body = response["Body"]
         try:
             while chunk := await body.read(CHUNK):
@@ -89,7 +95,7 @@ class S3Reader:
 
     async def presigned_url(self, ttl: float) -> str:
         """A short-lived URL for the object itself: the bytes bypass the proxy."""
-        url: str = await self.client.generate_presigned_url(
+        url: str = await self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self._bucket, "Key": self._key}, ExpiresIn=int(ttl)
         )
         return url
@@ -285,15 +291,10 @@ class S3Cache:
         except S3Error:
             return None
 
-    async def open(self, repo: RepoRef, entry: Entry) -> S3Reader | None:
-        name = self.object_name(repo, entry.key)
-        try:
-            await self.client.head_object(Bucket=self._bucket, Key=name)
-        except (ClientError, BotoCoreError) as exc:
-            if _code(exc) in _MISSING_CODES:
-                return None
-            raise self.failed("head", exc) from exc
-        return S3Reader(entry, self.client, self._bucket, name)
+    async def open(self, repo: RepoRef, entry: Entry) -> S3Reader:
+        """No request yet: the first read is the GET itself (one round trip per hit, none
+        for a HEAD or a 304); an object gone by then raises :class:`EntryGone` there."""
+        return S3Reader(entry, self, self.object_name(repo, entry.key))
 
     async def commit(
         self, repo: RepoRef, spool: Path, entry: Entry, upload: Upload | None = None

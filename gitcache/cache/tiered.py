@@ -17,7 +17,7 @@ import functools
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from gitcache.cache.base import Entry, Reader, Tail, Upload
@@ -41,7 +41,7 @@ class FillingReader:
         self._fill = fill
         self._repo = repo
 
-    async def chunks(self, offset: int, length: int) -> AsyncIterator[bytes]:
+    async def chunks(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         if offset != 0 or length != self.entry.size:
             async for chunk in self._inner.chunks(offset, length):
                 yield chunk
@@ -140,11 +140,7 @@ class TieredCache:
             reader = await self.disk.open(repo, entry)
             if reader is not None:
                 return reader
-        try:
-            inner = await self.s3.open(repo, entry)
-        except S3Error:
-            return None
-        return FillingReader(inner, self, repo) if inner is not None else None
+        return FillingReader(await self.s3.open(repo, entry), self, repo)
 
     def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> Upload:
         return self.s3.begin(repo, key, tail)

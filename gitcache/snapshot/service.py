@@ -210,6 +210,14 @@ class SnapshotService:
     def _fetch_interval(self) -> float:
         return self._config.mirrors.fetch_interval
 
+    async def forget(self, repo: RepoRef, entry: Entry) -> None:
+        """Drop an entry whose file is gone, so the next lookup does not find it again."""
+        log.warning("snapshot %s of %s is gone from the cache: forgetting it", entry.key, repo.name)
+        try:
+            await self._cache.delete(repo, entry.key)
+        except GitcacheError as exc:
+            log.warning("could not forget %s: %s", entry.key, exc.message)
+
     async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
         return await self._cache.newest(repo, ref)
 

@@ -6,14 +6,15 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncGenerator, Callable
 from email.utils import formatdate
 
 from aiohttp import web
 
 from gitcache import keys
 from gitcache.cache.s3 import S3Reader
-from gitcache.errors import BadRequest, GitcacheError
-from gitcache.repo import RepoRef, parse_ref, parse_repo
+from gitcache.errors import BadRequest, EntryGone, GitcacheError
+from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import Hit, Stream
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
@@ -64,10 +65,21 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     spec = parse_ref(request.query.get("ref"))
     max_age = parse_max_age(request)
     await authorize_read(request, repo)
+    request.app[keys.REFRESHER].requested(repo, spec.label)
+    try:
+        return await _respond(request, repo, spec, max_age)
+    except EntryGone:
+        # Nothing was sent yet, and the entry is forgotten: serve the request again.
+        return await _respond(request, repo, spec, max_age)
+
+
+async def _respond(
+    request: web.Request, repo: RepoRef, spec: RefSpec, max_age: float | None
+) -> web.StreamResponse:
+    config = request.app[keys.CONFIG]
     result = await request.app[keys.SNAPSHOTS].serve(
         repo, spec, start=request.method == "GET", max_age=max_age
     )
-    request.app[keys.REFRESHER].requested(repo, spec.label)
     age = max(0, int(request.app[keys.CLOCK]() - result.fetched_at))
     if spec.sha is not None:
         cache_control = IMMUTABLE  # a commit's snapshot never changes meaning
@@ -80,20 +92,31 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     info.update(source=result.source, commit=result.commit)
     metrics = request.app[keys.METRICS]
     tier = config.cache.backend if isinstance(result, Hit) else "spool"
-    metrics.snapshot_responses.labels(result.source, tier).inc()
+    started = metrics.snapshot_responses.labels(result.source, tier).inc
     try:
         if isinstance(result, Hit):
-            return await _send_hit(request, repo, result, extra)
+            try:
+                return await _send_hit(request, repo, result, extra, started)
+            except EntryGone:
+                await request.app[keys.SNAPSHOTS].forget(repo, result.reader.entry)
+                raise
+        started()
         return await _send_stream(request, repo, result, extra)
     finally:
         metrics.bytes_served.labels(result.source).inc(info.get("bytes", 0))
 
 
 async def _send_hit(
-    request: web.Request, repo: RepoRef, hit: Hit, extra: dict[str, str]
+    request: web.Request,
+    repo: RepoRef,
+    hit: Hit,
+    extra: dict[str, str],
+    started: Callable[[], None],
 ) -> web.StreamResponse:
+    """``started`` is called once the hit is sure to be answered (see :class:`EntryGone`)."""
     reader = hit.reader
     entry = reader.entry
+    body: AsyncGenerator[bytes, None] | None = None
     try:
         plan = conditional.plan(
             request.headers,
@@ -111,11 +134,19 @@ async def _send_hit(
             }
         )
         s3 = request.app[keys.CONFIG].cache.s3
-        if s3.redirect and isinstance(reader, S3Reader) and plan.status == 200:
-            # The whole object, straight from the bucket: a ranged or conditional answer
-            # stays with the proxy, which knows how to give it.
+        redirect_to = reader if s3.redirect and isinstance(reader, S3Reader) else None
+        if plan.status != 200:
+            redirect_to = None  # a ranged or conditional answer stays with the proxy
+        sending = request.method == "GET" and plan.status != 304 and plan.length > 0
+        if sending and redirect_to is None and reader.file is None:
+            # A streamed tier (S3): its first read is the request to it, made before any
+            # answer, so an object gone meanwhile is served again rather than cut.
+            body = reader.chunks(plan.start, plan.length)
+            first = await anext(body)
+        started()
+        if redirect_to is not None:  # the whole object, straight from the bucket
             redirect = {k: v for k, v in headers.items() if k.startswith("X-Gitcache")}
-            redirect["Location"] = await reader.presigned_url(s3.redirect_ttl)
+            redirect["Location"] = await redirect_to.presigned_url(s3.redirect_ttl)
             return web.Response(status=302, headers=redirect)
         if plan.status == 304:
             return web.Response(
@@ -132,13 +163,20 @@ async def _send_hit(
             return response
         _first_byte(request, hit.source)
         try:
-            await _send_range(request, response, hit, plan.start, plan.length)
+            if body is None:
+                await _send_file(request, response, hit, plan.start, plan.length)
+            else:
+                await response.write(first)
+                async for chunk in body:
+                    await response.write(chunk)
         except OSError:  # the client went away mid-file
             return _cut(request, response)
         request[keys.REQUEST_INFO]["bytes"] = plan.length
         await response.write_eof()
         return response
     finally:
+        if body is not None:
+            await body.aclose()
         await reader.close()
 
 
@@ -158,7 +196,7 @@ def _first_byte(request: web.Request, source: str) -> None:
     request.app[keys.METRICS].ttfb.labels(source).observe(elapsed)
 
 
-async def _send_range(
+async def _send_file(
     request: web.Request, response: web.StreamResponse, hit: Hit, start: int, length: int
 ) -> None:
     transport = request.transport
