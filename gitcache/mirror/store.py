@@ -241,7 +241,7 @@ class MirrorStore:
         """Archive the mirror in the shared bucket (if its refs moved since the last
         archive); whether one was uploaded."""
         assert self._archives is not None
-        mirror = await self.ensure(repo)
+        mirror = await self.ensure(repo, max_age=float("inf"))  # as it is: no fetch for this
         async with self._operation("archive", mirror):
             uploaded = await self._archives.save(mirror)
         if uploaded:
