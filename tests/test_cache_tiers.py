@@ -245,8 +245,17 @@ async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
     path, digest = spool(tmp_path, "x", 4096)
     e = entry("kept", "HEAD", 4096, digest, 5.0)
     await cache.commit(REPO, path, e)
-    s3.delete_object(Bucket=s3_bucket, Key=f"snapshots/{HOST}/group%2Frepo/manifest.json")
+    manifest = f"snapshots/{HOST}/group%2Frepo/manifest.json"
+    s3.delete_object(Bucket=s3_bucket, Key=manifest)
     assert await cache.newest(REPO, "HEAD") == e  # found by listing the prefix
+    assert b'"kept"' in s3.get_object(Bucket=s3_bucket, Key=manifest)["Body"].read()  # rebuilt
+
+    s3.put_object(Bucket=s3_bucket, Key=manifest, Body=b"{not json")  # unreadable
+    assert await cache.newest(REPO, "HEAD") == e
+    path, digest = spool(tmp_path, "y", 4096)
+    later = entry("later", "HEAD", 4096, digest, 6.0)
+    await cache.commit(REPO, path, later)  # writes over the unreadable manifest's ETag
+    assert {x.key for x in await cache.entries(REPO)} == {"kept", "later"}
     await cache.close()
 
 

@@ -158,22 +158,50 @@ class S3Cache:
     # --- manifest ---------------------------------------------------------------------
 
     async def _read_manifest(self, repo: RepoRef) -> tuple[Manifest, str | None]:
-        """The manifest and its ETag (None: there is none yet)."""
+        """The manifest and its ETag (None: there is none yet). A missing or unreadable
+        one is rebuilt from a listing and, if that found entries, written back."""
+        etag = None
         try:
             response = await self.client.get_object(
                 Bucket=self._bucket, Key=self._name(repo, MANIFEST_NAME)
             )
+            etag = str(response["ETag"])
             async with response["Body"] as body:
                 data = await body.read()
-            return Manifest.loads(data), str(response["ETag"])
-        except ClientError as exc:
+            return Manifest.loads(data), etag
+        except (ClientError, BotoCoreError) as exc:
             if _code(exc) not in _MISSING_CODES:
                 raise self.failed("get_manifest", exc) from exc
         except ValueError:
             log.warning("manifest of %s is unreadable: rebuilding it", repo.name)
-        except BotoCoreError as exc:
-            raise self.failed("get_manifest", exc) from exc
-        return await self._rebuild_manifest(repo), None
+        manifest = await self._rebuild_manifest(repo)
+        if manifest.entries:
+            # Written back (over the unreadable one, if that is what there was), so the
+            # next lookup is one read again; losing a race to another writer is fine.
+            etag = await self._put_manifest(repo, manifest, etag) or etag
+        return manifest, etag
+
+    async def _put_manifest(
+        self, repo: RepoRef, manifest: Manifest, etag: str | None
+    ) -> str | None:
+        """Write the manifest if it is still the one with ``etag`` (None: if there is
+        none); its new ETag, or None if another writer came first."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            response = await self.client.put_object(
+                Bucket=self._bucket,
+                Key=self._name(repo, MANIFEST_NAME),
+                Body=manifest.dumps(),
+                ContentType="application/json",
+                **condition,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            if _code(exc) in _CONFLICT_CODES:
+                self._metrics.manifest_conflicts.inc()
+                return None
+            raise self.failed("put_manifest", exc) from exc
+        self._seen.add(repo)
+        return str(response["ETag"])
 
     async def _rebuild_manifest(self, repo: RepoRef) -> Manifest:
         """The slow fallback: list the repository's prefix and read the entry written beside
@@ -209,25 +237,9 @@ class S3Cache:
         for _ in range(MANIFEST_ATTEMPTS):
             manifest, etag = await self._read_manifest(repo)
             changed = change(manifest)
-            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-            try:
-                await self.client.put_object(
-                    Bucket=self._bucket,
-                    Key=self._name(repo, MANIFEST_NAME),
-                    Body=changed.dumps(),
-                    ContentType="application/json",
-                    **condition,
-                )
-            except ClientError as exc:
-                if _code(exc) in _CONFLICT_CODES:
-                    self._metrics.manifest_conflicts.inc()
-                    await asyncio.sleep(random.uniform(0.01, 0.1))  # noqa: S311 (jitter)
-                    continue
-                raise self.failed("put_manifest", exc) from exc
-            except BotoCoreError as exc:
-                raise self.failed("put_manifest", exc) from exc
-            self._seen.add(repo)
-            return changed
+            if await self._put_manifest(repo, changed, etag) is not None:
+                return changed
+            await asyncio.sleep(random.uniform(0.01, 0.1))  # noqa: S311 (jitter)
         raise self.failed("put_manifest", RuntimeError("kept conflicting"))
 
     # --- leases -------------------------------------------------------------------------
