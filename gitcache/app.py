@@ -89,11 +89,11 @@ def create_app(
         metrics = app[keys.METRICS]
         cache: Cache
         if config.cache.backend == "s3":
-            cache = S3Cache(config.cache.s3, metrics)
+            cache = S3Cache(config.cache.s3, metrics, state / "uploads")
         else:
             cache = DiskCache(state / "cache", config.cache.disk.max_size, metrics)
             if config.cache.backend == "tiered":
-                s3 = S3Cache(config.cache.s3, metrics)
+                s3 = S3Cache(config.cache.s3, metrics, state / "uploads")
                 cache = TieredCache(cache, s3, app[keys.TASKS], state / "spool")
         await cache.start()
         app[keys.CACHE] = cache

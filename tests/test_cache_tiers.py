@@ -20,10 +20,12 @@ import pytest
 import zstandard
 
 from gitcache import keys
+from gitcache.cache import s3 as s3_module
 from gitcache.cache.base import Cache, Entry
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
 from gitcache.cache.tiered import TieredCache
+from gitcache.cache.upload import UploadJournal
 from gitcache.config import S3CacheConfig
 from gitcache.errors import EntryGone, GenerationFailed
 from gitcache.metrics import Metrics
@@ -237,10 +239,22 @@ async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
     s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/crashed.tar.zst")
-    cache = S3Cache(s3_config(s3_endpoint, s3_bucket), Metrics())
+
+    def upload_ids() -> set[str]:
+        return {
+            u["UploadId"] for u in s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        }
+
+    journal = UploadJournal(tmp_path / "uploads")
+    crashed = s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/crashed.tar.zst")
+    journal.record("snapshots/crashed.tar.zst", crashed["UploadId"])  # left by a crash here
+    other = s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/other.tar.zst")
+    cache = S3Cache(s3_config(s3_endpoint, s3_bucket), Metrics(), tmp_path / "uploads")
     await cache.start()
-    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert cache.housekeeping is not None
+    await cache.housekeeping
+    assert upload_ids() == {other["UploadId"]}  # another replica's, in flight: left alone
+    assert journal.leftovers() == []
 
     path, digest = spool(tmp_path, "x", 4096)
     e = entry("kept", "HEAD", 4096, digest, 5.0)
@@ -362,7 +376,11 @@ def flaky_s3() -> Iterator[FlakyS3]:
     server.stop()
 
 
-async def test_s3_down_then_back(make_client: Any, rich: str, flaky_s3: FlakyS3) -> None:
+async def test_s3_down_then_back(
+    make_client: Any, rich: str, flaky_s3: FlakyS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not skipped after it failed (another test covers that): back means back at once.
+    monkeypatch.setattr(s3_module, "SKIP_AFTER_FAILURE", 0.0)
     client = await make_client(cache=flaky_s3.cache)
     await (await client.get(snapshot_url(rich))).read()
     assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
@@ -446,3 +464,39 @@ async def test_an_object_gone_from_the_bucket_is_served_again(
     again = await client.get(snapshot_url(rich))
     assert again.headers["X-Gitcache-Source"] == "hit"
     await again.read()
+
+
+async def test_a_hung_s3_is_skipped_and_disk_hits_stay_fast(make_client: Any, rich: str) -> None:
+    """S3 that accepts connections and never answers: the first lookup gives up after a
+    few seconds, then S3 is skipped for a while, so hits from the disk tier touch it no
+    more (and uploads do not queue behind it)."""
+    connections = 0
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cache = {
+        "backend": "tiered",
+        "s3": {"bucket": "hung", "endpoint_url": f"http://127.0.0.1:{port}"},
+    }
+    try:
+        client = await make_client(cache=cache, mirrors={"archive_interval": 0})
+        first = await client.get(snapshot_url(rich))
+        assert first.status == 200 and first.headers["X-Gitcache-Source"] == "miss"
+        body = await first.read()
+        await client.app[keys.TASKS].settle("generate:")
+        seen = connections
+        for _ in range(5):
+            hit = await client.get(snapshot_url(rich))
+            assert hit.headers["X-Gitcache-Source"] == "hit"
+            assert await hit.read() == body
+        assert connections == seen  # skipped: no request went to S3
+        metrics = client.app[keys.METRICS]
+        assert metrics.value("gitcache_s3_errors_total", operation="get_manifest") >= 1
+    finally:
+        server.close()

@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import AsyncGenerator, Callable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gitcache.cache.base import Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
-from gitcache.cache.upload import FileTail, S3Upload
+from gitcache.cache.upload import FileTail, S3Upload, UploadJournal
 from gitcache.config import S3CacheConfig
 from gitcache.errors import EntryGone, GenerationFailed, GitcacheError
 from gitcache.metrics import Metrics
@@ -43,12 +44,14 @@ TIER = "s3"
 # S3 sits on the request path of every lookup: when it is down, fail fast and serve from
 # the upstream rather than retry for tens of seconds.
 CLIENT_CONFIG = AioConfig(
-    connect_timeout=3, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"}
+    connect_timeout=3, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"}
 )
 CHUNK = 1024 * 1024
 SNAPSHOT_SUFFIX = ".tar.zst"
 ENTRY_SUFFIX = ".entry.json"  # the entry beside its object, for the listing fallback
 MANIFEST_ATTEMPTS = 8
+QUICK_TIMEOUT = 5.0  # a manifest, an entry or a lease is a few KiB: S3 slower than this is down
+SKIP_AFTER_FAILURE = 10.0
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
@@ -102,12 +105,19 @@ class S3Reader:
 
 
 class S3Cache:
-    def __init__(self, config: S3CacheConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: S3CacheConfig, metrics: Metrics, journal_dir: Path | None = None
+    ) -> None:
+        """``journal_dir``: where this process records its uploads in flight (see
+        :class:`UploadJournal`)."""
         self.config = config
+        self.journal = UploadJournal(journal_dir) if journal_dir is not None else None
+        self.housekeeping: asyncio.Task[None] | None = None
         self._config = config
         self._metrics = metrics
         self._bucket = config.bucket
         self.client: Any = None
+        self._skip_until = 0.0  # see failed()
         self._stack = contextlib.AsyncExitStack()
         self._seen: set[RepoRef] = set()
 
@@ -125,17 +135,35 @@ class S3Cache:
                 config=CLIENT_CONFIG,
             )
         )
-        with contextlib.suppress(ClientError, BotoCoreError):
-            uploads = await self.client.list_multipart_uploads(
-                Bucket=self._bucket, Prefix=self._config.prefix
-            )
-            for upload in uploads.get("Uploads", []):
-                log.info("aborting stale multipart upload of %s", upload["Key"])
+        # In the background: a slow or hung S3 must not hold up start-up.
+        self.housekeeping = asyncio.ensure_future(self._abort_stale_uploads())
+
+    async def _abort_stale_uploads(self) -> None:
+        """Abort the uploads this replica had in flight when it stopped (its journal).
+        Uploads in the bucket that it did not record may be other replicas' in flight and
+        are left alone; those of a replica that never comes back are S3's to expire (an
+        ``AbortIncompleteMultipartUpload`` lifecycle rule, see the README)."""
+        if self.journal is None:
+            return
+        for name, upload_id in await asyncio.to_thread(self.journal.leftovers):
+            log.info("aborting the multipart upload of %s left by the last run", name)
+            try:
                 await self.client.abort_multipart_upload(
-                    Bucket=self._bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    Bucket=self._bucket, Key=name, UploadId=upload_id
                 )
+            except ClientError as exc:
+                if _code(exc) not in _MISSING_CODES | {"NoSuchUpload"}:
+                    self.failed("abort_upload", exc)
+                    continue  # kept in the journal: the next start tries again
+            except BotoCoreError as exc:
+                self.failed("abort_upload", exc)
+                return
+            await asyncio.to_thread(self.journal.done, upload_id)
 
     async def close(self) -> None:
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
+            await asyncio.gather(self.housekeeping, return_exceptions=True)
         await self._stack.aclose()
 
     # --- names ------------------------------------------------------------------------
@@ -150,10 +178,35 @@ class S3Cache:
         return self._name(repo, f"{key}{ENTRY_SUFFIX}")
 
     def failed(self, operation: str, exc: Exception) -> S3Error:
-        """Count and log an S3 failure once, here; callers decide whether it is fatal."""
+        """Count and log an S3 failure once, here; callers decide whether it is fatal.
+        One that never got an answer from S3 (unreachable, timed out) makes requests skip
+        S3 for ``SKIP_AFTER_FAILURE`` seconds: a dead or hung S3 must not make every
+        client wait for it."""
         self._metrics.s3_errors.labels(operation).inc()
-        log.warning("S3 %s failed: %s", operation, exc)
+        log.warning("S3 %s failed: %s", operation, exc or type(exc).__name__)
+        if isinstance(exc, BotoCoreError | TimeoutError):
+            if self.available():
+                log.warning("S3 does not answer: skipping it for %.0fs", SKIP_AFTER_FAILURE)
+            self._skip_until = time.monotonic() + SKIP_AFTER_FAILURE
         return S3Error(f"the S3 cache failed ({operation})")
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def check_available(self) -> None:
+        if not self.available():
+            raise S3Error("the S3 cache is skipped after a failure")
+
+    @contextlib.asynccontextmanager
+    async def _quick(self, operation: str) -> AsyncIterator[None]:
+        """A small request on a client's path (a manifest, an entry, a lease): refused at
+        once while S3 is skipped, and given up after ``QUICK_TIMEOUT``."""
+        self.check_available()
+        try:
+            async with asyncio.timeout(QUICK_TIMEOUT):
+                yield
+        except TimeoutError as exc:
+            raise self.failed(operation, exc) from exc
 
     # --- manifest ---------------------------------------------------------------------
 
@@ -162,12 +215,13 @@ class S3Cache:
         one is rebuilt from a listing and, if that found entries, written back."""
         etag = None
         try:
-            response = await self.client.get_object(
-                Bucket=self._bucket, Key=self._name(repo, MANIFEST_NAME)
-            )
-            etag = str(response["ETag"])
-            async with response["Body"] as body:
-                data = await body.read()
+            async with self._quick("get_manifest"):
+                response = await self.client.get_object(
+                    Bucket=self._bucket, Key=self._name(repo, MANIFEST_NAME)
+                )
+                etag = str(response["ETag"])
+                async with response["Body"] as body:
+                    data = await body.read()
             return Manifest.loads(data), etag
         except (ClientError, BotoCoreError) as exc:
             if _code(exc) not in _MISSING_CODES:
@@ -253,6 +307,13 @@ class S3Cache:
         ``If-Match`` on its ETag. Claims fail open: if S3 cannot say, the work is done."""
         name = self.shared_name("leases", work, repo.host, f"{repo.slug}.json")
         body = json.dumps({"owner": owner, "expires": now + ttl}).encode()
+        try:
+            async with self._quick("lease"):
+                return await self._claim(name, body, owner, now)
+        except S3Error:
+            return True
+
+    async def _claim(self, name: str, body: bytes, owner: str, now: float) -> bool:
         try:
             try:
                 await self.client.put_object(
@@ -374,9 +435,13 @@ class S3Cache:
     async def read_entry(self, name: str) -> Entry | None:
         """The entry published beside the object ``name``; None if there is none."""
         try:
-            response = await self.client.get_object(Bucket=self._bucket, Key=name + ENTRY_SUFFIX)
-            async with response["Body"] as body:
-                return Entry.from_json(json.loads(await body.read()))
+            async with self._quick("get_entry"):
+                response = await self.client.get_object(
+                    Bucket=self._bucket, Key=name + ENTRY_SUFFIX
+                )
+                async with response["Body"] as body:
+                    raw = await body.read()
+            return Entry.from_json(json.loads(raw))
         except (ClientError, BotoCoreError) as exc:
             if _code(exc) in _MISSING_CODES:
                 return None

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -109,6 +110,34 @@ class FileTail:
             self._fd = -1
 
 
+class UploadJournal:
+    """This process's multipart uploads in flight, one small file each in ``directory``:
+    what a crash leaves there is what the next start aborts. Other replicas' uploads in
+    flight in the same bucket are never in it, so they are never aborted by this one."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+
+    def _path(self, upload_id: str) -> Path:
+        return self._dir / f"{hashlib.sha256(upload_id.encode()).hexdigest()[:32]}.json"
+
+    def record(self, name: str, upload_id: str) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._path(upload_id).write_text(json.dumps({"key": name, "upload_id": upload_id}))
+
+    def done(self, upload_id: str) -> None:
+        self._path(upload_id).unlink(missing_ok=True)
+
+    def leftovers(self) -> list[tuple[str, str]]:
+        """(object name, upload id) of every upload recorded and never done."""
+        found = []
+        for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                data = json.loads(path.read_text())
+                found.append((str(data["key"]), str(data["upload_id"])))
+        return found
+
+
 def hash_range(digest: Any, fd: int, start: int, length: int) -> None:
     end = start + length
     while start < end:
@@ -151,8 +180,11 @@ class S3Upload:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, tail: Tail) -> None:
+        journal = self._cache.journal
         try:
             upload_id = await self._create()
+            if journal is not None:
+                await asyncio.to_thread(journal.record, self._name, upload_id)
             try:
                 parts, size, sha256 = await self._send_parts(upload_id, tail)
                 entry = await self._entry
@@ -174,11 +206,15 @@ class S3Upload:
                 if isinstance(exc, ClientError | BotoCoreError):
                     raise self._cache.failed("upload", exc) from exc
                 raise
+            finally:
+                if journal is not None:
+                    await asyncio.to_thread(journal.done, upload_id)
         finally:
             await tail.aclose()
         await self._publish(entry)
 
     async def _create(self) -> str:
+        self._cache.check_available()  # S3 just failed to answer: do not queue behind it
         try:
             created = await self._client.create_multipart_upload(
                 Bucket=self._config.bucket, Key=self._name, ContentType="application/zstd"
