@@ -22,7 +22,7 @@ from pathlib import Path
 
 import boto3
 
-from bench.make_repo import make_repo
+from bench.make_repo import add_repo_arguments, bench_repo
 from bench.run import free_port, serve_in_thread
 from gitcache.cache.s3 import S3Cache
 from gitcache.config import Config, config_from_dict
@@ -32,7 +32,7 @@ from gitcache.mirror.store import MirrorStore
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 from tests.conftest import start_s3_server
-from tests.upstream import Upstream, git
+from tests.upstream import Upstream
 
 HOST = "bench.test"
 BUCKET = "gitcache-bench"
@@ -93,21 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repo", type=Path, help="a local bare repository (default: generate)")
-    parser.add_argument("--files", type=int, default=3000)
-    parser.add_argument("--commits", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3)
+    add_repo_arguments(parser)
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     args = parser.parse_args()
     os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
-        bare = Path(tmp, "repos", "bench.git")
-        bare.parent.mkdir()
-        if args.repo is None:
-            make_repo(bare, files=args.files, commits=args.commits)
-        else:
-            git("clone", "-q", "--bare", str(args.repo.resolve()), str(bare))
+        bare = bench_repo(Path(tmp), args)
         work = Path(tmp, "work")
         work.mkdir()
         s3_port, upstream_port = free_port(), free_port()

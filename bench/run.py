@@ -34,7 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bench.make_repo import make_repo
+from bench.make_repo import add_repo_arguments, bench_repo
 from tests.upstream import Upstream, git
 
 HOST = "bench.test"
@@ -249,19 +249,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repo", type=Path, help="a local bare repository (default: generate)")
-    parser.add_argument("--files", type=int, default=3000, help="files in a generated repository")
-    parser.add_argument("--commits", type=int, default=200, help="its number of commits")
+    add_repo_arguments(parser)
     parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
     args = parser.parse_args()
     os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
     with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
-        bare = Path(tmp, "repos", "bench.git")
-        bare.parent.mkdir()
-        if args.repo is None:
-            make_repo(bare, files=args.files, commits=args.commits)
-        else:  # a copy: branches are added to it
-            git("clone", "-q", "--bare", str(args.repo.resolve()), str(bare))
+        bare = bench_repo(Path(tmp), args)
         work = Path(tmp, "work")
         work.mkdir()
         run(bare, args.runs, work)
