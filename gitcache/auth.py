@@ -27,8 +27,9 @@ from pathlib import Path
 
 from gitcache.config import Config, ConfigError, UpstreamConfig
 from gitcache.errors import GitError, NotFound, Unauthorized, UpstreamError
-from gitcache.mirror.credentials import credential_env
-from gitcache.mirror.runner import git_env, run_git
+from gitcache.mirror.addresses import upstream_env
+from gitcache.mirror.credentials import credential_config, credential_secrets
+from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import upstream_failure
 from gitcache.repo import RepoRef
 
@@ -132,7 +133,12 @@ class Passthrough:
             await run_git(
                 ["ls-remote", "--", url, "HEAD"],
                 timeout=self._config.mirrors.git_timeout,
-                env=git_env(credential_env(url, username, password)),
+                env=await upstream_env(
+                    url,
+                    credential_config(url),
+                    credential_secrets(username, password),
+                    allow_private=upstream.allow_private,
+                ),
             )
         except GitError as exc:
             failure = upstream_failure(repo, exc)

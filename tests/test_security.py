@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import socket
 import string
 import subprocess
 from pathlib import Path
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 
 from gitcache.config import ConfigError, config_from_dict
 from gitcache.errors import BadRequest, NotFound
+from gitcache.mirror import addresses
+from gitcache.mirror.addresses import is_public, lookup
 from gitcache.repo import _SEGMENT, parse_ref, parse_repo
 from tests.helpers import HOST, Clock, processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
@@ -278,3 +281,46 @@ async def test_arbitrary_paths_never_give_a_5xx(client: Any, state_dir: Path, pa
     mirrors = state_dir / "mirrors"
     if mirrors.exists():
         assert all(p.resolve().is_relative_to(mirrors) for p in mirrors.rglob("*"))
+
+
+def upstream_named(name: str, upstream: Upstream) -> dict[str, Any]:
+    """The test upstream under another host name, with private addresses not allowed."""
+    return {HOST: {"url": f"http://{name}:{upstream.port}/{{repo}}.git"}}
+
+
+async def test_a_host_name_resolving_to_a_private_address_is_refused(
+    make_client: Any, upstream: Upstream, rich: str, state_dir: Path
+) -> None:
+    """A name, not a literal, so config load lets it through; it resolves to this machine
+    (a loopback or private address), so no git call is made for it."""
+    name = socket.gethostname()
+    if all(is_public(a) for a in await lookup(name, upstream.port)):
+        pytest.skip("this machine's name resolves to a public address")
+    client = await make_client(upstreams=upstream_named(name, upstream))
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 502
+    body = await response.json()
+    assert body["code"] == "upstream_error" and "non-public" in body["error"]
+    assert upstream.requests == []  # the upstream never heard of it
+    assert not (state_dir / "mirrors" / HOST).exists()
+
+
+async def test_git_connects_to_the_address_that_was_checked(
+    make_client: Any, upstream: Upstream, rich: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name cannot resolve at all (``.invalid``): git can reach the upstream only at
+    the address gitcache looked up, checked and pinned (here: loopback, let through)."""
+    looked_up = []
+
+    async def fake_lookup(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(addresses, "lookup", fake_lookup)
+    monkeypatch.setattr(addresses, "is_public", lambda address: True)
+    client = await make_client(upstreams=upstream_named("upstream.gitcache.invalid", upstream))
+    response = await client.get(snapshot_url(rich))
+    assert response.status == 200
+    await response.read()
+    assert looked_up and set(looked_up) == {"upstream.gitcache.invalid"}
+    assert upstream.requests  # reached through the pinned address

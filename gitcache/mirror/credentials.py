@@ -1,4 +1,5 @@
-"""Handing upstream credentials to git without a command line or a config file.
+"""Handing upstream credentials (and other settings) to git without a command line or a
+config file.
 
 Git reads configuration from ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n``/``GIT_CONFIG_VALUE_n``
 environment variables. A credential helper scoped to the upstream's URL answers git's
@@ -19,18 +20,26 @@ HELPER = (
     f'"${USERNAME_VAR}" "${PASSWORD_VAR}"; }}; f'
 )
 
+ConfigEntries = tuple[tuple[str, str], ...]
 
-def credential_env(url: str, username: str, password: str) -> dict[str, str]:
-    """Environment for a git child that must authenticate to ``url``'s host."""
+
+def config_env(entries: ConfigEntries) -> dict[str, str]:
+    """``git -c key=value …`` as environment variables."""
+    env = {"GIT_CONFIG_COUNT": str(len(entries))}
+    for i, (key, value) in enumerate(entries):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    return env
+
+
+def credential_config(url: str) -> ConfigEntries:
+    """The helper for ``url``'s origin, alone: no helper from system or user config sees
+    these requests (the empty helper first resets the list)."""
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
-    return {
-        "GIT_CONFIG_COUNT": "2",
-        # An empty helper first: no helper from system or user config sees these requests.
-        "GIT_CONFIG_KEY_0": "credential.helper",
-        "GIT_CONFIG_VALUE_0": "",
-        "GIT_CONFIG_KEY_1": f"credential.{origin}.helper",
-        "GIT_CONFIG_VALUE_1": HELPER,
-        USERNAME_VAR: username,
-        PASSWORD_VAR: password,
-    }
+    return (("credential.helper", ""), (f"credential.{origin}.helper", HELPER))
+
+
+def credential_secrets(username: str, password: str) -> dict[str, str]:
+    """What the helper prints, as the git child's environment."""
+    return {USERNAME_VAR: username, PASSWORD_VAR: password}

@@ -21,11 +21,12 @@ from pathlib import Path
 from gitcache.config import Config
 from gitcache.errors import GitError, GitTimeout, NotFound, UpstreamError, UpstreamTimeout
 from gitcache.metrics import Metrics
+from gitcache.mirror.addresses import upstream_env
 from gitcache.mirror.archive import MirrorArchives
-from gitcache.mirror.credentials import credential_env
+from gitcache.mirror.credentials import ConfigEntries, credential_config, credential_secrets
 from gitcache.mirror.lock import RWLock
 from gitcache.mirror.refs import RefState, read_ref_state
-from gitcache.mirror.runner import git_env, run_git
+from gitcache.mirror.runner import run_git
 from gitcache.repo import RepoRef
 from gitcache.tasks import Coalescer, TaskSet
 
@@ -71,7 +72,11 @@ class Mirror:
     repo: RepoRef
     path: Path
     url: str
-    env: dict[str, str] = field(repr=False)  # for git calls that reach the upstream
+    # For git calls that reach the upstream (see upstream_env): the credential helper's
+    # config, its secrets, and whether the upstream may resolve to private addresses.
+    config: ConfigEntries
+    secrets: dict[str, str] = field(repr=False)
+    allow_private: bool
     lock: RWLock = field(default_factory=RWLock)
     refs: RefState | None = None
     fetched_at: float = 0.0
@@ -116,8 +121,13 @@ class MirrorStore:
             path = self.root / repo.host / f"{repo.slug}.git"
             upstream = self._config.upstreams[repo.host]
             url = upstream.url_for(repo.path)
-            extra = credential_env(url, upstream.username, upstream.token) if upstream.token else {}
-            mirror = self._mirrors[repo] = Mirror(repo, path, url, git_env(extra))
+            config: ConfigEntries = ()
+            secrets: dict[str, str] = {}
+            if upstream.token:
+                config = credential_config(url)
+                secrets = credential_secrets(upstream.username, upstream.token)
+            mirror = Mirror(repo, path, url, config, secrets, upstream.allow_private)
+            self._mirrors[repo] = mirror
             stamp = path / FETCH_STAMP
             if stamp.exists():
                 mirror.fetched_at = stamp.stat().st_mtime
@@ -129,6 +139,12 @@ class MirrorStore:
             self._metrics.value(
                 "gitcache_mirror_operations_total", operation="rebuild", result="ok"
             )
+        )
+
+    @staticmethod
+    async def _upstream_env(mirror: Mirror) -> dict[str, str]:
+        return await upstream_env(
+            mirror.url, mirror.config, mirror.secrets, allow_private=mirror.allow_private
         )
 
     def known(self) -> list[Mirror]:
@@ -291,7 +307,7 @@ class MirrorStore:
                 await run_git(
                     ["clone", "--bare", "--quiet", *config_args, "--", mirror.url, str(tmp)],
                     timeout=cfg.clone_timeout,
-                    env=mirror.env,
+                    env=await self._upstream_env(mirror),
                 )
             except GitError as exc:
                 raise upstream_failure(mirror.repo, exc) from exc
@@ -336,10 +352,11 @@ class MirrorStore:
         path = str(git_dir)
         # One small round trip first: most refreshes find nothing new, and then no
         # fetch negotiation, lock or ref rewrite is needed at all.
+        env = await self._upstream_env(mirror)
         listing = await run_git(
             ["-C", path, "ls-remote", "--symref", "origin", *LS_REMOTE_PATTERNS],
             timeout=cfg.git_timeout,
-            env=mirror.env,
+            env=env,
         )
         head, advertised = parse_ls_remote(listing)
         if known is not None and (head, advertised) == (known.head, known.refs):
@@ -351,7 +368,7 @@ class MirrorStore:
             await run_git(
                 ["-C", path, "fetch", "--prune", "--quiet", "origin"],
                 timeout=cfg.fetch_timeout,
-                env=mirror.env,
+                env=env,
             )
             grown = await asyncio.to_thread(objects_size, git_dir) - before
             self._metrics.upstream_bytes.inc(max(0, grown))
