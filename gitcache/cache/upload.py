@@ -180,11 +180,10 @@ class S3Upload:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, tail: Tail) -> None:
-        journal = self._cache.journal
         try:
             upload_id = await self._create()
-            if journal is not None:
-                await asyncio.to_thread(journal.record, self._name, upload_id)
+            if self._cache.journal is not None:
+                await asyncio.to_thread(self._cache.journal.record, self._name, upload_id)
             try:
                 parts, size, sha256 = await self._send_parts(upload_id, tail)
                 entry = await self._entry
@@ -203,15 +202,19 @@ class S3Upload:
                     await self._client.abort_multipart_upload(
                         Bucket=self._config.bucket, Key=self._name, UploadId=upload_id
                     )
+                    # Only once S3 took the abort: otherwise the next start tries again.
+                    await self._forget(upload_id)
                 if isinstance(exc, ClientError | BotoCoreError):
                     raise self._cache.failed("upload", exc) from exc
                 raise
-            finally:
-                if journal is not None:
-                    await asyncio.to_thread(journal.done, upload_id)
+            await self._forget(upload_id)
         finally:
             await tail.aclose()
         await self._publish(entry)
+
+    async def _forget(self, upload_id: str) -> None:
+        if self._cache.journal is not None:
+            await asyncio.to_thread(self._cache.journal.done, upload_id)
 
     async def _create(self) -> str:
         self._cache.check_available()  # S3 just failed to answer: do not queue behind it
