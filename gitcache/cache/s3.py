@@ -8,7 +8,10 @@ ever visible. The object is written first, then its entry beside it (``<key>.ent
 then the manifest, last, with a conditional write (``If-Match`` on the manifest's ETag,
 ``If-None-Match: *`` for a new one) retried on conflict, so two replicas never lose each
 other's entries. A missing or unreadable manifest is rebuilt from a listing of the
-repository's prefix and those entries.
+repository's prefix and those entries, and written back.
+
+The bucket also holds ``<prefix>leases/<work>/<host>/<repo slug>.json`` (see :meth:`claim`)
+and ``<prefix>mirrors/<host>/<repo slug>.tar.zst`` (see ``gitcache.mirror.archive``).
 """
 
 from __future__ import annotations
@@ -110,10 +113,9 @@ class S3Cache:
     ) -> None:
         """``journal_dir``: where this process records its uploads in flight (see
         :class:`UploadJournal`)."""
-        self.config = config
+        self.config = self._config = config
         self.journal = UploadJournal(journal_dir) if journal_dir is not None else None
         self.housekeeping: asyncio.Task[None] | None = None
-        self._config = config
         self._metrics = metrics
         self._bucket = config.bucket
         self.client: Any = None
@@ -124,8 +126,9 @@ class S3Cache:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the client (credentials from the standard AWS chain) and abort multipart
-        uploads a crashed process left behind under the prefix."""
+        """Open the client (credentials from the standard AWS chain) and, in the
+        background, abort the multipart uploads this replica left in flight when it last
+        stopped."""
         session = aioboto3.Session()
         self.client = await self._stack.enter_async_context(
             session.client(
