@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.upload
 	$(BIN)/python -m bench.mirror
+	$(BIN)/python -m bench.s3miss
 
 clean:
 	rm -rf $(VENV) .gitcache .pytest_cache .mypy_cache .ruff_cache

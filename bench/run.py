@@ -100,14 +100,15 @@ def serve_in_thread(app: web.Application, port: int) -> Iterator[None]:
 
 
 @contextmanager
-def gitcache_server(state: Path, upstream_url: str) -> Iterator[tuple[str, int]]:
-    """``gitcache serve`` as a child process; yields its base URL and pid."""
+def gitcache_server(state: Path, upstream_url: str, extra: str = "") -> Iterator[tuple[str, int]]:
+    """``gitcache serve`` as a child process; yields its base URL and pid. ``extra``: more
+    TOML tables for its config."""
     port = free_port()
     config = state / "gitcache.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\n'
         '[mirrors]\nfetch_interval = "1h"\n[log]\nlevel = "WARNING"\n'
-        f'[upstreams."{HOST}"]\nurl = "{upstream_url}"\nallow_private = true\n'
+        f'[upstreams."{HOST}"]\nurl = "{upstream_url}"\nallow_private = true\n' + extra
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)]
