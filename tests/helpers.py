@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gitcache import keys
 from gitcache.snapshot import service as service_module
 from tests.upstream import git
 
@@ -31,6 +32,13 @@ def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None
 
 
 HOST = "example.test"
+
+
+async def settled(*clients: Any) -> None:
+    """Until every generation has ended, its cache commit included: the clients of an
+    S3-only tier see their end before the upload lands."""
+    for client in clients:
+        await client.app[keys.TASKS].settle("generate:")
 
 
 class Clock:

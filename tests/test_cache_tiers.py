@@ -32,7 +32,7 @@ from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
 from tests.conftest import free_port, start_s3_server
-from tests.helpers import HOST, extract, snapshot_url, wrap_build_tar
+from tests.helpers import HOST, extract, settled, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream, git
 
 REPO = RepoRef(HOST, "group/repo")
@@ -328,6 +328,7 @@ async def test_redirect_to_a_presigned_url(
     }
     client = await make_client(cache=cache)
     body = await (await client.get(snapshot_url(rich))).read()
+    await settled(client)
     redirected = await client.get(snapshot_url(rich), allow_redirects=False)
     assert redirected.status == 302
     assert redirected.headers["X-Gitcache-Source"] == "hit"
@@ -383,6 +384,7 @@ async def test_s3_down_then_back(
     monkeypatch.setattr(s3_module, "SKIP_AFTER_FAILURE", 0.0)
     client = await make_client(cache=flaky_s3.cache)
     await (await client.get(snapshot_url(rich))).read()
+    await settled(client)
     assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
 
     flaky_s3.stop()
@@ -394,6 +396,7 @@ async def test_s3_down_then_back(
     flaky_s3.start()  # back, empty: the next miss fills it and hits follow
     again = await client.get(snapshot_url(rich))
     await again.read()
+    await settled(client)
     back = await client.get(snapshot_url(rich))
     assert back.headers["X-Gitcache-Source"] == "hit"
     await back.read()
@@ -433,6 +436,7 @@ async def test_s3_dies_mid_upload_and_the_client_still_gets_its_snapshot(
         gate.set()
     body = await response.read()
     assert response.status == 200
+    await settled(client)
     tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
     assert len(tar) > 24 * 1000 * 1000  # the whole snapshot, in one complete zstd frame
     metrics = client.app[keys.METRICS]
@@ -448,6 +452,7 @@ async def test_an_object_gone_from_the_bucket_is_served_again(
     cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
     client = await make_client(cache=cache, mirrors={"archive_interval": 0})
     await (await client.get(snapshot_url(rich))).read()
+    await settled(client)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     listed = s3.list_objects_v2(Bucket=s3_bucket)["Contents"]
     (name,) = [o["Key"] for o in listed if o["Key"].endswith(".tar.zst")]

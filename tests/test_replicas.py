@@ -19,7 +19,7 @@ import zstandard
 from gitcache import keys
 from gitcache.cache.base import Entry
 from gitcache.mirror.archive import write_archive
-from tests.helpers import Clock, extract, snapshot_url
+from tests.helpers import Clock, extract, settled, snapshot_url
 from tests.processes import metric, start_gitcache
 from tests.upstream import Upstream, agit, commit_all, git
 
@@ -61,6 +61,7 @@ async def test_replicas_share_a_bucket(
     miss = await first.get(snapshot_url(rich))
     body = await miss.read()
     assert miss.headers["X-Gitcache-Source"] == "miss"
+    await settled(first)
     hit = await first.get(snapshot_url(rich))
     assert hit.headers["X-Gitcache-Source"] == "hit"
     assert await hit.read() == body
@@ -79,11 +80,13 @@ async def test_one_replica_wins_the_refresh_lease(
     replicas = [await replica("a"), await replica("b")]
     for client in replicas:
         await (await client.get(snapshot_url(rich))).read()
+        await settled(client)
     new = await push_change(upstream, rich, tmp_path / "work", "new")
 
     before = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
     clock.now += 3600
     await asyncio.gather(*(r.app[keys.REFRESHER].run_due() for r in replicas))
+    await settled(*replicas)
     after = sum(r.app[keys.SNAPSHOTS].generations_started for r in replicas)
     assert after - before == 1  # one replica regenerated and uploaded; the other did not
     for client in replicas:
@@ -137,6 +140,7 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     mirror fails its check, is thrown away, and the mirror is cloned."""
     first = await replica("a")
     await (await first.get(snapshot_url(rich))).read()
+    await settled(first)
     await first.app[keys.REFRESHER].run_due()
     archives = first.app[keys.MIRRORS]._archives
     assert archives is not None
@@ -166,6 +170,7 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     assert mirror_operations(second, "clone") == 1
     checkout = extract(body, tmp_path / "checkout")
     git("fsck", "--no-progress", cwd=checkout)
+    await settled(second)
     assert not any((tmp_path / "b" / "tmp").iterdir())  # the restore left nothing
 
 

@@ -85,6 +85,11 @@ class Upload(Protocol):
 
 
 class Cache(Protocol):
+    # Whether a commit makes the entry servable from this machine's disk (quickly): then
+    # a generation's clients see their end only after it. An S3-only tier's commit is an
+    # upload finishing; its clients see their end as soon as the spool is verified.
+    local: bool
+
     async def start(self) -> None:
         """Open what the tier needs; clean up what a previous process left half-done."""
 

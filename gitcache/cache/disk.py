@@ -62,6 +62,8 @@ TIER = "disk"
 
 
 class DiskCache:
+    local = True
+
     def __init__(self, root: Path, max_size: int, metrics: Metrics) -> None:
         self.root = root
         self.max_size = max_size

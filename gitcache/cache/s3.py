@@ -108,6 +108,8 @@ class S3Reader:
 
 
 class S3Cache:
+    local = False
+
     def __init__(
         self, config: S3CacheConfig, metrics: Metrics, journal_dir: Path | None = None
     ) -> None:

@@ -73,6 +73,8 @@ class TieredCache:
     each after the one before has ended: an upload still completing in the background
     when a prune or a delete comes lands first, or it would bring a deleted entry back."""
 
+    local = True
+
     def __init__(self, disk: DiskCache, s3: S3Cache, tasks: TaskSet, spool_dir: Path) -> None:
         self.disk = disk
         self.s3 = s3

@@ -130,8 +130,9 @@ class Generation:
         self._notify()
 
     def finish(self) -> None:
-        self.done = True
-        self._notify()
+        if not self.done:
+            self.done = True
+            self._notify()
 
     def fail(self, error: BaseException) -> None:
         self.error = error

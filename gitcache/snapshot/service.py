@@ -23,7 +23,14 @@ from dataclasses import dataclass, replace
 
 from gitcache.cache.base import Cache, Entry, Reader
 from gitcache.config import Config
-from gitcache.errors import GitcacheError, GitError, NotFound, Overloaded, UpstreamError
+from gitcache.errors import (
+    GenerationFailed,
+    GitcacheError,
+    GitError,
+    NotFound,
+    Overloaded,
+    UpstreamError,
+)
 from gitcache.metrics import Metrics
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
@@ -323,6 +330,11 @@ class SnapshotService:
                 created=self._clock(),
                 fetched_at=fetched_at,
             )
+            if not self._cache.local:
+                # Committing means an upload still finishing: clients need not wait for it.
+                # The generation stays joinable until it is done, so whoever asks for this
+                # snapshot meanwhile is served from the (complete) spool.
+                generation.finish()
             try:
                 if await self._disk_has_room():
                     await self._cache.commit(repo, generation.spool, entry, upload)
@@ -332,7 +344,8 @@ class SnapshotService:
                 log.error("could not commit %s %s: %s", repo.name, generation.key, exc)
             except Exception:
                 log.exception("could not commit %s %s to the cache", repo.name, generation.key)
-            # Readers see the end only now, so whoever has a whole snapshot finds it cached.
+            # Readers of a local tier see the end only now: whoever has a whole snapshot
+            # finds it cached.
             generation.finish()
             self._metrics.generations.labels("ok").inc()
             self._metrics.generation_bytes.inc(size)
@@ -344,7 +357,12 @@ class SnapshotService:
                 size,
                 time.monotonic() - started,
             )
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            generation.fail(GenerationFailed("gitcache is shutting down"))
+            self._metrics.generations.labels("failed").inc()
+            log.warning("generation of %s %s aborted: shutting down", repo.name, generation.key)
+            raise
+        except Exception as exc:
             generation.fail(exc)
             self._metrics.generations.labels("failed").inc()
             # A traceback only for the unexpected: known failures explain themselves.
@@ -353,10 +371,8 @@ class SnapshotService:
                 repo.name,
                 generation.key,
                 exc,
-                exc_info=not isinstance(exc, GitcacheError | asyncio.CancelledError),
+                exc_info=not isinstance(exc, GitcacheError),
             )
-            if not isinstance(exc, Exception):
-                raise
         finally:
             writer.close()
             self._generations.pop((repo, generation.key), None)
