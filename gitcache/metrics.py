@@ -120,6 +120,22 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.s3_uploads = Counter(
+            "gitcache_s3_uploads_total",
+            "Snapshot and mirror-archive uploads to S3, by result (ok, failed, aborted).",
+            ["result"],
+            registry=r,
+        )
+        self.s3_upload_bytes = Counter(
+            "gitcache_s3_upload_bytes_total", "Bytes of completed S3 uploads.", registry=r
+        )
+        self.s3_upload_lag = Histogram(
+            "gitcache_s3_upload_lag_seconds",
+            "From a verified spool to its object listed in S3: how far the bucket (and so "
+            "other replicas) lags the clients of a generation.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.manifest_conflicts = Counter(
             "gitcache_manifest_conflicts_total",
             "Manifest writes that lost a race with another writer and were retried.",

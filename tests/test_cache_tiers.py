@@ -222,9 +222,17 @@ async def test_upload_runs_while_the_snapshot_is_generated(
     await client.app[keys.TASKS].settle("generate:")
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    metrics = client.app[keys.METRICS]
     if outcome == "failed":
         assert listed == []
+        gave_up = [
+            metrics.value("gitcache_s3_uploads_total", result=r) for r in ("failed", "aborted")
+        ]
+        assert sum(gave_up) == 1  # failed itself, or aborted by the failing generation
         return
+    assert metrics.value("gitcache_s3_uploads_total", result="ok") == 1
+    assert metrics.value("gitcache_s3_upload_bytes_total") == len(body)
+    assert metrics.value("gitcache_s3_upload_lag_seconds_count") == 1
     assert sorted(name.rsplit("/", 1)[1].split(".", 1)[1] for name in listed) == [
         "entry.json",
         "json",

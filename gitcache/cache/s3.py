@@ -118,7 +118,7 @@ class S3Cache:
         self.config = self._config = config
         self.journal = UploadJournal(journal_dir) if journal_dir is not None else None
         self.housekeeping: asyncio.Task[None] | None = None
-        self._metrics = metrics
+        self.metrics = self._metrics = metrics
         self._bucket = config.bucket
         self.client: Any = None
         self._skip_until = 0.0  # see failed()

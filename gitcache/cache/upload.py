@@ -19,6 +19,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,11 +167,13 @@ class S3Upload:
         self._publish = publish
         self._entry: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._handed = False
+        self._handed_at = 0.0
         self._task = asyncio.ensure_future(self._run(tail))
 
     def complete(self, entry: Entry) -> asyncio.Task[None]:
         if not self._handed:
             self._handed = True
+            self._handed_at = time.monotonic()
             self._entry.set_result(entry)
         return self._task
 
@@ -180,6 +183,18 @@ class S3Upload:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, tail: Tail) -> None:
+        metrics = self._cache.metrics
+        try:
+            await self._upload(tail)
+        except asyncio.CancelledError:
+            metrics.s3_uploads.labels("aborted").inc()
+            raise
+        except BaseException:
+            metrics.s3_uploads.labels("failed").inc()
+            raise
+        metrics.s3_uploads.labels("ok").inc()
+
+    async def _upload(self, tail: Tail) -> None:
         try:
             upload_id = await self._create()
             if self._cache.journal is not None:
@@ -211,6 +226,8 @@ class S3Upload:
         finally:
             await tail.aclose()
         await self._publish(entry)
+        self._cache.metrics.s3_upload_bytes.inc(entry.size)
+        self._cache.metrics.s3_upload_lag.observe(time.monotonic() - self._handed_at)
 
     async def _forget(self, upload_id: str) -> None:
         if self._cache.journal is not None:
