@@ -62,26 +62,6 @@ def make_repo(out: Path, *, files: int, commits: int, seed: int = 1) -> Path:
     return out
 
 
-def add_repo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The repository a benchmark runs on: generated, or a copy of one of yours."""
-    parser.add_argument("--repo", type=Path, help="a local bare repository (default: generate)")
-    parser.add_argument("--files", type=int, default=3000, help="files in a generated repository")
-    parser.add_argument("--commits", type=int, default=200, help="its number of commits")
-
-
-def bench_repo(tmp: Path, args: argparse.Namespace) -> Path:
-    """``<tmp>/repos/bench.git``, as :func:`add_repo_arguments` asked for it."""
-    bare = tmp / "repos" / "bench.git"
-    bare.parent.mkdir()
-    if args.repo is None:
-        make_repo(bare, files=args.files, commits=args.commits)
-    else:  # a copy: benchmarks add branches to it
-        subprocess.run(
-            ["git", "clone", "-q", "--bare", str(args.repo.resolve()), str(bare)], check=True
-        )
-    return bare
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)

@@ -10,20 +10,14 @@ server on loopback; both share this machine's cores with the measured work.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-import boto3
-
-from bench.make_repo import add_repo_arguments, bench_repo
-from bench.run import free_port, serve_in_thread
+from bench.harness import BUCKET, benchmark, local_bucket, served_upstream
 from gitcache.cache.s3 import S3Cache
 from gitcache.config import Config, config_from_dict
 from gitcache.metrics import Metrics
@@ -31,11 +25,8 @@ from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.store import MirrorStore
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
-from tests.conftest import start_s3_server
-from tests.upstream import Upstream
 
 HOST = "bench.test"
-BUCKET = "gitcache-bench"
 
 
 def make_config(state: Path, upstream_url: str, s3_endpoint: str) -> Config:
@@ -90,33 +81,14 @@ async def measure(upstream_url: str, s3_endpoint: str, work: Path, runs: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_repo_arguments(parser)
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
-    args = parser.parse_args()
-    os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
-        bare = bench_repo(Path(tmp), args)
-        work = Path(tmp, "work")
+    with (
+        benchmark(__doc__, runs=3) as (args, bare, tmp),
+        local_bucket() as s3_endpoint,
+        served_upstream(bare) as (upstream_url, _),
+    ):
+        work = tmp / "work"
         work.mkdir()
-        s3_port, upstream_port = free_port(), free_port()
-        server = start_s3_server(s3_port)
-        s3_endpoint = f"http://127.0.0.1:{s3_port}"
-        try:
-            boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-                Bucket=BUCKET
-            )
-            upstream = Upstream(bare.parent, port=upstream_port)
-            with serve_in_thread(upstream.app(), upstream_port):
-                upstream_url = f"http://127.0.0.1:{upstream_port}/{{repo}}.git"
-                asyncio.run(measure(upstream_url, s3_endpoint, work, args.runs))
-        finally:
-            server.terminate()
-            server.wait()
+        asyncio.run(measure(upstream_url, s3_endpoint, work, args.runs))
 
 
 if __name__ == "__main__":

@@ -15,17 +15,11 @@ as a separate process (so that its memory can be measured), and prints:
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,17 +28,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bench.make_repo import add_repo_arguments, bench_repo
-from tests.upstream import Upstream, git
+from bench.harness import benchmark, serve_in_thread, served_upstream
+from tests.conftest import free_port
+from tests.upstream import git
 
 HOST = "bench.test"
 CLIENTS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sh(command: str) -> float:
@@ -79,24 +68,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-@contextmanager
-def serve_in_thread(app: web.Application, port: int) -> Iterator[None]:
-    """Run an aiohttp app on its own loop in a thread (the upstream, FileResponse)."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
 
 
 @contextmanager
@@ -232,12 +203,10 @@ def run(bare: Path, runs: int, work: Path) -> None:
     size = sum(f.stat().st_size for f in bare.rglob("*") if f.is_file())
     print(f"repository {bare.name}: {size / 1e6:.1f} MB on disk; medians of {runs} runs")
 
-    bench = Bench(bare, work, runs, free_port())
-    upstream = Upstream(bare.parent, port=bench.upstream_port)
     state = work / "state"
     state.mkdir()
-    with serve_in_thread(upstream.app(), bench.upstream_port):
-        upstream_url = f"http://127.0.0.1:{bench.upstream_port}/{{repo}}.git"
+    with served_upstream(bare) as (upstream_url, upstream_port):
+        bench = Bench(bare, work, runs, upstream_port)
         with gitcache_server(state, upstream_url) as (bench.base, bench.pid):
             curl(bench.url(f"bench-{runs}"))  # clones the mirror
             bench.miss(state / "mirrors" / HOST / bare.name)
@@ -247,16 +216,8 @@ def run(bare: Path, runs: int, work: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_repo_arguments(parser)
-    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
-    args = parser.parse_args()
-    os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
-    with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
-        bare = bench_repo(Path(tmp), args)
-        work = Path(tmp, "work")
+    with benchmark(__doc__, runs=5) as (args, bare, tmp):
+        work = tmp / "work"
         work.mkdir()
         run(bare, args.runs, work)
 

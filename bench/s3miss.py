@@ -14,22 +14,13 @@ generation takes CPU from it here, which a remote S3 would not.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
-import boto3
-
-from bench.make_repo import add_repo_arguments, bench_repo
-from bench.run import HOST, curl, free_port, gitcache_server, serve_in_thread
-from tests.conftest import start_s3_server
-from tests.upstream import Upstream, git
-
-BUCKET = "gitcache-bench"
+from bench.harness import BUCKET, benchmark, local_bucket, served_upstream
+from bench.run import HOST, curl, gitcache_server
+from tests.upstream import git
 
 
 def idle(base: str) -> None:
@@ -55,24 +46,16 @@ def misses(base: str, name: str, refs: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_repo_arguments(parser)
-    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
-    args = parser.parse_args()
-    os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    with tempfile.TemporaryDirectory(prefix="gitcache-bench-") as tmp:
-        bare = bench_repo(Path(tmp), args)
+    results: dict[str, tuple[float, float]] = {}
+    with (
+        benchmark(__doc__, runs=5) as (args, bare, tmp),
+        local_bucket() as endpoint,
+        served_upstream(bare) as (url, _),
+    ):
         head = git("--git-dir", str(bare), "rev-parse", "HEAD").strip()
         refs = [f"bench-{i}" for i in range(args.runs)]
         for branch in ["warm", *refs]:  # the same commit, distinct snapshots
             git("--git-dir", str(bare), "branch", "-f", branch, head)
-        s3_port, upstream_port = free_port(), free_port()
-        server = start_s3_server(s3_port)
-        endpoint = f"http://127.0.0.1:{s3_port}"
         s3 = f'[cache.s3]\nbucket = "{BUCKET}"\nendpoint_url = "{endpoint}"\n'
         setups = {
             "disk": "",
@@ -80,23 +63,12 @@ def main() -> None:
             "s3, 5 MiB parts": f'[cache]\nbackend = "s3"\n{s3}part_size = "5MiB"\n',
             "s3, one part, at the end": f'[cache]\nbackend = "s3"\n{s3}part_size = "4GiB"\n',
         }
-        results: dict[str, tuple[float, float]] = {}
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-                Bucket=BUCKET
-            )
-            upstream = Upstream(bare.parent, port=upstream_port)
-            with serve_in_thread(upstream.app(), upstream_port):
-                url = f"http://127.0.0.1:{upstream_port}/{{repo}}.git"
-                for i, (label, extra) in enumerate(setups.items()):
-                    state = Path(tmp, f"state-{i}")
-                    state.mkdir()
-                    prefix = f'prefix = "run-{i}/"\n' if extra else ""
-                    with gitcache_server(state, url, extra + prefix) as (base, _):
-                        results[label] = misses(base, bare.name.removesuffix(".git"), refs)
-        finally:
-            server.terminate()
-            server.wait()
+        for i, (label, extra) in enumerate(setups.items()):
+            state = tmp / f"state-{i}"
+            state.mkdir()
+            prefix = f'prefix = "run-{i}/"\n' if extra else ""
+            with gitcache_server(state, url, extra + prefix) as (base, _):
+                results[label] = misses(base, bare.name.removesuffix(".git"), refs)
     disk = results["disk"][0]
     print(f"miss, medians of {args.runs} runs: until the client had it | until it was cached")
     for label, (client, cached) in results.items():

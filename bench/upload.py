@@ -23,12 +23,12 @@ from pathlib import Path
 
 import boto3
 
+from bench.harness import BUCKET, local_bucket
 from gitcache.cache.base import Entry
 from gitcache.cache.s3 import S3Cache
 from gitcache.config import S3CacheConfig
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
-from tests.conftest import free_port, start_s3_server
 
 MiB = 1024 * 1024
 
@@ -133,41 +133,29 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    if args.child:
+    if args.child:  # credentials: in the environment local_bucket() gave the parent
         endpoint, bucket, path, part_size, concurrency = args.child
         _child(endpoint, bucket, Path(path), int(part_size), int(concurrency))
         return
-    port = free_port()
-    server = start_s3_server(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-            Bucket="gitcache-bench"
+    with local_bucket() as endpoint, tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "snapshot.tar.zst"
+        path.write_bytes(os.urandom(args.size_mb * MiB))
+        baseline = _measure(endpoint, BUCKET, path, 0)
+        mb = args.size_mb * MiB / 1e6
+        print(
+            f"S3 upload of {args.size_mb} MiB to moto on loopback; "
+            f"baseline boto3 upload_file: {mb / baseline['seconds']:.0f} MB/s, "
+            f"+{baseline['rss_mib']:.0f} MiB RSS"
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "snapshot.tar.zst"
-            path.write_bytes(os.urandom(args.size_mb * MiB))
-            baseline = _measure(endpoint, "gitcache-bench", path, 0)
-            mb = args.size_mb * MiB / 1e6
+        # 8 MiB x 10 is what upload_file itself uses: the like-for-like comparison.
+        for part, concurrency in ((5, 4), (16, 4), (64, 4), (8, 10)):
+            r = _measure(endpoint, BUCKET, path, part * MiB, concurrency)
             print(
-                f"S3 upload of {args.size_mb} MiB to moto on loopback; "
-                f"baseline boto3 upload_file: {mb / baseline['seconds']:.0f} MB/s, "
-                f"+{baseline['rss_mib']:.0f} MiB RSS"
+                f"  part_size {part:3d} MiB x {concurrency:2d} in flight: "
+                f"{mb / r['seconds']:6.0f} MB/s"
+                f" ({baseline['seconds'] / r['seconds']:.2f}x baseline), "
+                f"+{r['rss_mib']:.0f} MiB RSS"
             )
-            # 8 MiB x 10 is what upload_file itself uses: the like-for-like comparison.
-            for part, concurrency in ((5, 4), (16, 4), (64, 4), (8, 10)):
-                r = _measure(endpoint, "gitcache-bench", path, part * MiB, concurrency)
-                print(
-                    f"  part_size {part:3d} MiB x {concurrency:2d} in flight: "
-                    f"{mb / r['seconds']:6.0f} MB/s"
-                    f" ({baseline['seconds'] / r['seconds']:.2f}x baseline), "
-                    f"+{r['rss_mib']:.0f} MiB RSS"
-                )
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":
