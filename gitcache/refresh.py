@@ -255,7 +255,7 @@ class Refresher:
 
     def _archive_due(self, repo: RepoRef, state: RepoState, now: float) -> bool:
         interval = self._config.mirrors.archive_interval
-        if not self._mirrors.archives or not interval or now - state.last_archive < interval:
+        if self._mirrors.archives is None or not interval or now - state.last_archive < interval:
             return False
         return (self._mirrors.mirror(repo).path / "HEAD").exists()
 

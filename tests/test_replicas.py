@@ -142,7 +142,7 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     await (await first.get(snapshot_url(rich))).read()
     await settled(first)
     await first.app[keys.REFRESHER].run_due()
-    archives = first.app[keys.MIRRORS]._archives
+    archives = first.app[keys.MIRRORS].archives
     assert archives is not None
     name = archives.name(first.app[keys.MIRRORS].known()[0].repo)
 

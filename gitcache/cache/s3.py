@@ -115,10 +115,10 @@ class S3Cache:
     ) -> None:
         """``journal_dir``: where this process records its uploads in flight (see
         :class:`UploadJournal`)."""
-        self.config = self._config = config
+        self.config = config
         self.journal = UploadJournal(journal_dir) if journal_dir is not None else None
         self.housekeeping: asyncio.Task[None] | None = None
-        self.metrics = self._metrics = metrics
+        self.metrics = metrics
         self._bucket = config.bucket
         self.client: Any = None
         self._skip_until = 0.0  # see failed()
@@ -135,8 +135,8 @@ class S3Cache:
         self.client = await self._stack.enter_async_context(
             session.client(
                 "s3",
-                endpoint_url=self._config.endpoint_url or None,
-                region_name=self._config.region,
+                endpoint_url=self.config.endpoint_url or None,
+                region_name=self.config.region,
                 config=CLIENT_CONFIG,
             )
         )
@@ -174,7 +174,7 @@ class S3Cache:
     # --- names ------------------------------------------------------------------------
 
     def _name(self, repo: RepoRef, name: str) -> str:
-        return f"{self._config.prefix}{repo.host}/{repo.slug}/{name}"
+        return f"{self.config.prefix}{repo.host}/{repo.slug}/{name}"
 
     def object_name(self, repo: RepoRef, key: str) -> str:
         return self._name(repo, f"{key}{SNAPSHOT_SUFFIX}")
@@ -187,7 +187,7 @@ class S3Cache:
         One that never got an answer from S3 (unreachable, timed out) makes requests skip
         S3 for ``SKIP_AFTER_FAILURE`` seconds: a dead or hung S3 must not make every
         client wait for it."""
-        self._metrics.s3_errors.labels(operation).inc()
+        self.metrics.s3_errors.labels(operation).inc()
         log.warning("S3 %s failed: %s", operation, exc or type(exc).__name__)
         if isinstance(exc, BotoCoreError | TimeoutError):
             if self.available():
@@ -256,7 +256,7 @@ class S3Cache:
             )
         except (ClientError, BotoCoreError) as exc:
             if _code(exc) in _CONFLICT_CODES:
-                self._metrics.manifest_conflicts.inc()
+                self.metrics.manifest_conflicts.inc()
                 return None
             raise self.failed("put_manifest", exc) from exc
         self._seen.add(repo)
@@ -426,7 +426,7 @@ class S3Cache:
     # --- files outside the snapshot manifest (mirror archives) --------------------------
 
     def shared_name(self, *parts: str) -> str:
-        return self._config.prefix + "/".join(parts)
+        return self.config.prefix + "/".join(parts)
 
     async def upload_file(self, name: str, path: Path, entry: Entry) -> None:
         """A verified local file as the object ``name``, then its entry beside it

@@ -106,8 +106,7 @@ class MirrorStore:
         from before cloning it."""
         self._config = config
         self._metrics = metrics
-        self._archives = archives
-        self.archives = archives is not None
+        self.archives = archives
         self.root = config.server.state_dir / "mirrors"
         self.tmp = config.server.state_dir / "tmp"
         self._clock = clock
@@ -214,16 +213,16 @@ class MirrorStore:
         """Unpack the bucket's archive of the mirror into a new directory under ``tmp``
         and bring it up to date from the upstream; None (and nothing left behind) when
         there is no archive or any step fails: then the caller clones."""
-        if self._archives is None:
+        if self.archives is None:
             return None
         tmp = self.tmp / f"restore-{uuid.uuid4().hex}"
         try:
-            archive = await self._archives.newest(mirror.repo)
+            archive = await self.archives.newest(mirror.repo)
             if archive is None:
                 return None
             self.tmp.mkdir(parents=True, exist_ok=True)
             async with self._operation("restore", mirror):
-                await self._archives.restore(mirror.repo, archive, tmp)
+                await self.archives.restore(mirror.repo, archive, tmp)
                 # The archive's bytes were checked; that every object its refs reach is
                 # there and readable is checked here, before anything is built from it.
                 await run_git(
@@ -256,10 +255,10 @@ class MirrorStore:
     async def archive(self, repo: RepoRef) -> bool:
         """Archive the mirror in the shared bucket (if its refs moved since the last
         archive); whether one was uploaded."""
-        assert self._archives is not None
+        assert self.archives is not None
         mirror = await self.ensure(repo, max_age=float("inf"))  # as it is: no fetch for this
         async with self._operation("archive", mirror):
-            uploaded = await self._archives.save(mirror)
+            uploaded = await self.archives.save(mirror)
         if uploaded:
             log.info("archived the mirror of %s in the bucket", repo.name)
         return uploaded
