@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -33,6 +32,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gitcache.cache.base import Entry, Tail, Upload
+from gitcache.cache.checked import CheckedFile
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.cache.upload import FileTail, S3Upload, UploadJournal
 from gitcache.config import S3CacheConfig
@@ -457,23 +457,14 @@ class S3Cache:
     async def download(self, name: str, entry: Entry, dest: Path) -> None:
         """The object ``name`` into the new file ``dest``, checked against ``entry``;
         raises (and removes ``dest``) if it does not match."""
-        digest = hashlib.sha256()
-        size = 0
+        out = CheckedFile(dest)
         try:
-            response = await self.client.get_object(Bucket=self._bucket, Key=name)
-            body = response["Body"]
-            try:
-                with dest.open("xb") as out:
-                    while chunk := await body.read(CHUNK):
-                        await run_blocking(out.write, chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-            finally:
-                body.close()
-            if size != entry.size or digest.hexdigest() != entry.sha256:
+            async for chunk in S3Reader(entry, self, name).chunks(0, entry.size):
+                await out.write(chunk)
+            await out.close()
+            if not out.matches(entry):
                 raise GenerationFailed(f"{name} does not match its entry")
-        except BaseException as exc:
+        except BaseException:
+            await out.close()
             await run_blocking(dest.unlink, missing_ok=True)
-            if isinstance(exc, ClientError | BotoCoreError):
-                raise self.failed("download", exc) from exc
             raise

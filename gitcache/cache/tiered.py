@@ -14,18 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from gitcache.cache.base import Entry, Reader, Tail, Upload
+from gitcache.cache.checked import CheckedFile
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache, S3Error
 from gitcache.cache.upload import FileTail
 from gitcache.repo import RepoRef
-from gitcache.tasks import TaskSet
+from gitcache.tasks import TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,19 @@ class FillingReader:
             async for chunk in self._inner.chunks(offset, length):
                 yield chunk
             return
-        spool = self._fill.spool_path(self._repo, self.entry)
-        digest = hashlib.sha256()
-        size = 0
+        spool = CheckedFile(self._fill.spool_path(self._repo, self.entry))
         try:
-            with spool.open("wb") as out:
-                async for chunk in self._inner.chunks(offset, length):
-                    await asyncio.to_thread(out.write, chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                    yield chunk
-            if size == self.entry.size and digest.hexdigest() == self.entry.sha256:
-                await self._fill.disk.commit(self._repo, spool, self.entry)
+            async for chunk in self._inner.chunks(offset, length):
+                await spool.write(chunk)
+                yield chunk
+            await spool.close()
+            if spool.matches(self.entry):
+                await self._fill.disk.commit(self._repo, spool.path, self.entry)
             else:
                 log.warning("S3 object %s did not match its entry: not cached", self.entry.key)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                spool.unlink()
+            await spool.close()
+            await run_blocking(spool.path.unlink, missing_ok=True)
 
     async def close(self) -> None:
         await self._inner.close()

@@ -149,9 +149,7 @@ class SnapshotService:
             if stale is None:
                 raise
             return stale
-        return await self._find_or_start(
-            repo, spec, resolved, start=start, read=start, known=entry
-        )
+        return await self._find_or_start(repo, spec, resolved, start=start, read=start, known=entry)
 
     async def prepare(self, repo: RepoRef, spec: RefSpec) -> bool:
         """Make sure the snapshot for the mirror's current refs exists, generating it if
