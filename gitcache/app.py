@@ -75,6 +75,7 @@ def create_app(
     app[keys.TOKENS] = Tokens.load(Path(tokens_file)) if tokens_file else None
     app[keys.PASSTHROUGH] = Passthrough(config, clock)
     app[keys.CLOCK] = clock
+    app[keys.RUNNING] = set()
     health = app[keys.HEALTH] = Health()
     state = config.server.state_dir
 

@@ -16,6 +16,7 @@ from gitcache.app import create_app
 from gitcache.auth import Tokens
 from gitcache.config import Config, ConfigError, dump_config, load_config
 from gitcache.log import setup_logging
+from gitcache.web.server import Gate, GatedRunner, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,19 @@ async def serve(config: Config) -> None:
     ``server.shutdown_timeout`` to finish; then generations are aborted cleanly and every
     git child is killed (the app's cleanup contexts)."""
     app = create_app(config)
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=config.server.shutdown_timeout
-    )  # the observe middleware logs one line per request
+    metrics = app[keys.METRICS]
+    runner = GatedRunner(
+        app,
+        gate=Gate(
+            max_connections=config.server.max_connections,
+            on_refused=metrics.overloaded.labels("max_connections").inc,
+        ),
+        header_timeout=config.server.header_timeout,
+        access_log=None,  # the observe middleware logs one line per request
+        # Requests were given server.shutdown_timeout and then cut (see stop): what is
+        # left for aiohttp to wait for is connections closing.
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
     log.info("gitcache listening on %s", config.server.listen)
@@ -73,7 +84,7 @@ async def serve(config: Config) -> None:
         app[keys.HEALTH].ready = False
         await asyncio.sleep(config.server.drain_delay)
     finally:
-        await runner.cleanup()
+        await shut_down(runner, config.server.shutdown_timeout)
         log.info("gitcache stopped")
 
 

@@ -38,6 +38,8 @@ __all__ = ["Config", "ConfigError", "config_from_dict", "dump_config", "load_con
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = "/var/lib/gitcache"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_FETCH_INTERVAL = 60.0
 DEFAULT_CLONE_TIMEOUT = 3600.0
 DEFAULT_FETCH_TIMEOUT = 600.0
@@ -78,6 +80,8 @@ class ServerConfig:
     max_generations: int = DEFAULT_MAX_GENERATIONS
     max_clients_per_generation: int = DEFAULT_MAX_CLIENTS_PER_GENERATION
     drain_delay: float = 0.0
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def host(self) -> str:
@@ -213,6 +217,8 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "max_generations": parse_int(1, 10_000),
         "max_clients_per_generation": parse_int(1, 100_000),
         "drain_delay": parse_duration,
+        "header_timeout": parse_duration,
+        "max_connections": parse_int(1, 1_000_000),
     },
     "mirrors": {
         "fetch_interval": parse_duration,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ CACHE: web.AppKey[Cache] = web.AppKey("cache")
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
 REFRESHER = web.AppKey("refresher", Refresher)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+# The tasks of the requests being handled now: shutdown cuts what is left at its deadline.
+RUNNING: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("running")
 
 # Per request: what the handler learned (source, commit, bytes) for the log line and
 # metrics, and when the request arrived (for the duration and the time to first byte).

@@ -51,7 +51,7 @@ def write_archive(source: Path, out: Path) -> tuple[int, str]:
     """tar | zstd of the directory ``source`` into ``out``; its size and sha256, read back
     from the disk (what the upload then checks itself against)."""
     with out.open("xb") as file:
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
         with (
             compressor.stream_writer(file, closefd=False) as zstd,
             tarfile.open(fileobj=zstd, mode="w|", format=tarfile.PAX_FORMAT) as tar,

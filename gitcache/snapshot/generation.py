@@ -38,7 +38,10 @@ class SpoolWriter:
         self.size = 0
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._zstd = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+        # Content checksums: every decoder (plain ``zstd -d`` too) rejects a flipped byte.
+        self._zstd = zstandard.ZstdCompressor(
+            level=level, threads=threads, write_checksum=True
+        ).compressobj()
 
     def write(self, data: bytes, *, flush: bool = False) -> int:
         out = self._zstd.compress(data)

@@ -13,7 +13,10 @@ from email.utils import parsedate_to_datetime
 
 from gitcache.errors import PreconditionFailed, RangeNotSatisfiable
 
-_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+# ASCII digits only (``\d`` would take "²" and "①", which int() then refuses), and no
+# more than 18 of them: a larger offset is past any snapshot, and a header of thousands of
+# digits must not reach int()'s digit limit. Anything else is ignored: the whole is sent.
+_RANGE = re.compile(r"[ \t]*bytes[ \t]*=[ \t]*([0-9]{0,18})[ \t]*-[ \t]*([0-9]{0,18})[ \t]*")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Handlers add what they know (snapshot source, commit, bytes sent) to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -29,11 +30,16 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     info: dict[str, Any] = {}
     request[keys.REQUEST_INFO] = info
     status = "aborted"  # unless a response comes back: the stream was cut
+    task = asyncio.current_task()
+    running = request.app[keys.RUNNING]
+    if task is not None:
+        running.add(task)
     try:
         response = await handler(request)
         status = "aborted" if info.get("aborted") else str(response.status)
         return response
     finally:
+        running.discard(task)
         elapsed = time.monotonic() - started
         metrics = request.app[keys.METRICS]
         route = route_of(request)

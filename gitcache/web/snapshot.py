@@ -33,7 +33,10 @@ def _common_headers(repo: RepoRef, commit: str, source: str) -> dict[str, str]:
     }
 
 
-_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+_MAX_AGE = re.compile(
+    r"(?:^|,)[ \t]*max-age[ \t]*=[ \t]*\"?([0-9]{1,12})\"?[ \t]*(?:,|$)", re.IGNORECASE
+)
+_SECONDS = re.compile(r"[0-9]{1,12}")  # ASCII digits: str.isdigit() also takes "²"
 IMMUTABLE = "public, max-age=31536000, immutable"
 # What a 304 repeats of the 200 it stands for (RFC 9110 §15.4.5).
 NOT_MODIFIED_HEADERS = (
@@ -51,7 +54,7 @@ def parse_max_age(request: web.Request) -> float | None:
     (the stricter of the two)."""
     ages: list[float] = []
     if (value := request.query.get("max_age")) is not None:
-        if not value.isdigit() or len(value) > 12:
+        if not _SECONDS.fullmatch(value):
             raise BadRequest("max_age must be a whole number of seconds", code="invalid_max_age")
         ages.append(float(value))
     if (match := _MAX_AGE.search(request.headers.get("Cache-Control", ""))) is not None:
