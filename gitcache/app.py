@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.base import Cache
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
+from gitcache.cache.scrub import Scrubber
 from gitcache.cache.tiered import TieredCache
 from gitcache.config import Config
 from gitcache.health import Health
@@ -23,6 +25,7 @@ from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
+from gitcache.repo import RepoRef
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 from gitcache.web import admin
@@ -116,6 +119,31 @@ def create_app(
         app[keys.SNAPSHOTS] = service
         yield
 
+    async def scrubber(app: web.Application) -> AsyncIterator[None]:
+        bucket = _shared_bucket(app[keys.CACHE])
+        owner = uuid.uuid4().hex
+        interval = config.cache.scrub_interval
+
+        async def claim(repo: RepoRef) -> bool:
+            assert bucket is not None
+            return await bucket.claim(repo, owner, interval or 86400.0, clock(), "scrub")
+
+        scrub = Scrubber(
+            app[keys.CACHE],
+            app[keys.METRICS],
+            app[keys.TASKS],
+            rate=config.cache.scrub_rate,
+            claim=claim if bucket is not None else None,
+        )
+        app[keys.SCRUBBER] = scrub
+        loop = None
+        if background and interval:
+            loop = asyncio.create_task(scrub.run(interval), name="scrub-loop")
+        yield
+        if loop is not None:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+
     async def refresher(app: web.Application) -> AsyncIterator[None]:
         upkeep = Upkeep(config, app[keys.MIRRORS], app[keys.METRICS])
         refresh = Refresher(
@@ -137,7 +165,7 @@ def create_app(
             await asyncio.gather(loop, return_exceptions=True)
         refresh.save()
 
-    app.cleanup_ctx.extend([task_set, disk_cache, snapshots, refresher])
+    app.cleanup_ctx.extend([task_set, disk_cache, snapshots, scrubber, refresher])
     app.on_startup.append(health.startup_done)  # after every cleanup context has started
     app.on_shutdown.append(health.shutting_down)
     app.router.add_get("/healthz", healthz)

@@ -49,6 +49,8 @@ DEFAULT_ZSTD_THREADS = 0
 DEFAULT_DISK_MAX_SIZE = 50 * 1024**3
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_KEEP = 2
+DEFAULT_SCRUB_INTERVAL = 86400.0
+DEFAULT_SCRUB_RATE = 32 * 1024**2
 DEFAULT_EVICT_AFTER = 30 * 86400.0
 DEFAULT_MAINTENANCE_INTERVAL = 86400.0
 DEFAULT_ARCHIVE_INTERVAL = 6 * 3600.0
@@ -160,6 +162,8 @@ class AuthConfig:
 class CacheConfig:
     backend: str = "disk"
     keep: int = DEFAULT_KEEP
+    scrub_interval: float = DEFAULT_SCRUB_INTERVAL  # 0: no background scrub
+    scrub_rate: int = DEFAULT_SCRUB_RATE  # bytes per second
     disk: DiskCacheConfig = field(default_factory=DiskCacheConfig)
     s3: S3CacheConfig = field(default_factory=S3CacheConfig)
 
@@ -238,7 +242,12 @@ _SECTIONS: dict[str, dict[str, Callable[[object], object]]] = {
         "pinned": parse_repo_list,
     },
     "snapshot": {"zstd_level": parse_int(-7, 22), "zstd_threads": parse_int(-1, 64)},
-    "cache": {"backend": parse_choice("disk", "s3", "tiered"), "keep": parse_int(1, 1000)},
+    "cache": {
+        "backend": parse_choice("disk", "s3", "tiered"),
+        "keep": parse_int(1, 1000),
+        "scrub_interval": parse_duration,
+        "scrub_rate": parse_size,
+    },
     "cache.s3": {
         "bucket": parse_str,
         "prefix": lambda v: str(v) if isinstance(v, str) else parse_str(v),
@@ -351,6 +360,8 @@ def config_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = N
     backend = cache_table.get("backend")
     if backend in ("s3", "tiered") and not s3.bucket:
         raise ConfigError(f"cache.s3.bucket: required with backend = {backend!r}")
+    if "scrub_rate" in cache_table and parse_size(cache_table["scrub_rate"]) < 1024:
+        raise ConfigError("cache.scrub_rate: must be at least 1KiB (per second)")
     if s3.part_size < MIN_S3_PART_SIZE:
         raise ConfigError("cache.s3.part_size: must be at least 5MiB (S3's minimum)")
     upstreams: dict[str, UpstreamConfig] = {}

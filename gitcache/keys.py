@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gitcache.auth import Passthrough, Tokens
 from gitcache.cache.base import Cache
+from gitcache.cache.scrub import Scrubber
 from gitcache.config import Config
 from gitcache.health import Health
 from gitcache.metrics import Metrics
@@ -28,6 +29,7 @@ MIRRORS = web.AppKey("mirrors", MirrorStore)
 CACHE: web.AppKey[Cache] = web.AppKey("cache")
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
 REFRESHER = web.AppKey("refresher", Refresher)
+SCRUBBER = web.AppKey("scrubber", Scrubber)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 # The tasks of the requests being handled now: shutdown cuts what is left at its deadline.
 RUNNING: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("running")

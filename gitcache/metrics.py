@@ -114,6 +114,16 @@ class Metrics:
         self.cache_evictions = Counter(
             "gitcache_cache_evictions_total", "Entries evicted for space.", ["tier"], registry=r
         )
+        self.scrub_checks = Counter(
+            "gitcache_scrub_checks_total",
+            "Cached snapshots read back and hashed by the scrub, by tier and result (ok, "
+            "corrupt: evicted, error: could not be read).",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.scrub_bytes = Counter(
+            "gitcache_scrub_bytes_total", "Bytes read back by the scrub.", registry=r
+        )
         self.s3_errors = Counter(
             "gitcache_s3_errors_total",
             "S3 requests that failed, by operation.",

@@ -104,7 +104,7 @@ class RefSpec:
 
 def parse_ref(ref: str | None) -> RefSpec:
     """Validate the ``ref`` query parameter with git's ``check-ref-format`` rules."""
-    if ref is None:
+    if ref is None or ref == "HEAD":  # HEAD is the default branch, however it is asked for
         return RefSpec()
     if _FULL_SHA.fullmatch(ref):
         return RefSpec(sha=ref.lower())

@@ -130,3 +130,41 @@ async def test_upstream_timeout_leaves_no_half_made_mirror(
     retry = await client.get(snapshot_url(rich))
     assert retry.status == 200
     await retry.read()
+
+
+@pytest.mark.parametrize("value", ["²", "①", "٣", "-1", "1.5", "1" * 13])
+async def test_max_age_takes_ascii_digits_only(client: Any, state_dir: Path, value: str) -> None:
+    response = await client.get(snapshot_url("group/rich"), params={"max_age": value})
+    assert response.status == 400
+    assert (await response.json())["code"] == "invalid_max_age"
+    _assert_untouched(state_dir)
+
+
+async def test_ranges_nobody_can_satisfy_or_parse_get_the_whole(client: Any, rich: str) -> None:
+    whole = await (await client.get(snapshot_url(rich))).read()
+    for header in ("bytes=" + "9" * 5000 + "-", "bytes=-" + "9" * 5000, "bytes=٠-٩", "bytes=²-"):
+        response = await client.get(snapshot_url(rich), headers={"Range": header})
+        assert response.status == 200, header
+        assert await response.read() == whole
+
+
+async def test_ref_head_is_the_default_branch_cached_or_not(client: Any, rich: str) -> None:
+    explicit = await client.get(snapshot_url(rich, "HEAD"))  # nothing cached yet
+    assert explicit.status == 200
+    await explicit.read()
+    implicit = await client.get(snapshot_url(rich))
+    assert implicit.headers["X-Gitcache-Source"] == "hit"
+    assert implicit.headers["X-Gitcache-Commit"] == explicit.headers["X-Gitcache-Commit"]
+    await implicit.read()
+
+
+@pytest.mark.parametrize(
+    "header", [("X-Forwarded-For", "203.0.113.9"), ("Forwarded", "for=1.2.3.4"), ("X-Real-IP", "x")]
+)
+async def test_forwarded_requests_are_never_local_for_admin(
+    client: Any, header: tuple[str, str]
+) -> None:
+    assert (await client.get("/admin/repos")).status == 200  # plain loopback
+    response = await client.get("/admin/repos", headers=dict([header]))
+    assert response.status == 403
+    assert (await response.json())["code"] == "forbidden"

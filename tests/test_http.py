@@ -98,3 +98,12 @@ def test_plan_precedence() -> None:
         Plan(206, 1, 2)
     )
     assert _plan(**{"If-Range": later, "Range": "bytes=1-2"}).status == 200
+
+
+def test_range_digits_are_ascii_and_bounded() -> None:
+    whole = Plan(200, 0, 1000)
+    for header in ("bytes=" + "9" * 5000 + "-", "bytes=٠-٩", "bytes=1-²", "bytes=" + "1" * 19 + "-"):
+        assert plan({"Range": header}, method="GET", etag='"e"', modified=0, size=1000) == whole
+    far = "bytes=" + "9" * 18 + "-"
+    with pytest.raises(RangeNotSatisfiable):
+        plan({"Range": far}, method="GET", etag='"e"', modified=0, size=1000)

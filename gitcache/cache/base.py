@@ -96,6 +96,10 @@ class Cache(Protocol):
     def repos(self) -> list[RepoRef]:
         """Repositories this tier is known to hold (for the admin API)."""
 
+    def layers(self) -> list[tuple[str, Cache]]:
+        """The tiers that hold bytes of their own, by name (``disk``, ``s3``): itself, or
+        the tiers a composite is made of. Each is checked on its own (the scrub)."""
+
     async def entries(self, repo: RepoRef) -> tuple[Entry, ...]: ...
 
     async def newest(self, repo: RepoRef, ref: str) -> Entry | None:
@@ -103,9 +107,10 @@ class Cache(Protocol):
 
     async def get(self, repo: RepoRef, key: str) -> Entry | None: ...
 
-    async def open(self, repo: RepoRef, entry: Entry) -> Reader | None:
-        """Open an entry for reading (a use, for eviction); None if it is gone. A tier
-        that learns that only from its first read (S3) raises ``EntryGone`` there."""
+    async def open(self, repo: RepoRef, entry: Entry, *, use: bool = True) -> Reader | None:
+        """Open an entry for reading (with ``use``, a use for eviction); None if it is
+        gone. A tier that learns that only from its first read (S3) raises ``EntryGone``
+        there."""
 
     def begin(self, repo: RepoRef, key: str, tail: Callable[[], Tail]) -> Upload | None:
         """Start copying a generation's spool while it is written, through a reader that

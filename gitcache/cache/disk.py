@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gitcache.cache.base import Entry, Tail, Upload
+from gitcache.cache.base import Cache, Entry, Tail, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
@@ -155,13 +155,16 @@ class DiskCache:
     async def get(self, repo: RepoRef, key: str) -> Entry | None:
         return (await self._manifest(repo)).get(key)
 
-    async def open(self, repo: RepoRef, entry: Entry) -> DiskReader | None:
+    def layers(self) -> list[tuple[str, Cache]]:
+        return [(TIER, self)]
+
+    async def open(self, repo: RepoRef, entry: Entry, *, use: bool = True) -> DiskReader | None:
         path = self._path(repo, entry.key)
         try:
             file = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
             return None
-        if (repo, entry.key) in self._lru:
+        if use and (repo, entry.key) in self._lru:
             self._lru.move_to_end((repo, entry.key))
             with contextlib.suppress(OSError):
                 os.utime(file.fileno())

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import aioboto3
+import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gitcache.cache.base import Entry, Tail, Upload
+from gitcache.cache.base import Cache, Entry, Tail, Upload
 from gitcache.cache.checked import CheckedFile
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.cache.upload import FileTail, S3Upload, UploadJournal
@@ -91,7 +92,14 @@ class S3Reader:
             raise self._cache.failed("get", exc) from exc
         body = response["Body"]
         try:
-            while chunk := await body.read(CHUNK):
+            while True:
+                try:
+                    chunk = await body.read(CHUNK)
+                except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    # The connection to S3 dropped or stalled mid-object.
+                    raise self._cache.failed("get", exc) from exc
+                if not chunk:
+                    break
                 yield chunk
         finally:
             body.close()
@@ -369,7 +377,10 @@ class S3Cache:
         except S3Error:
             return None
 
-    async def open(self, repo: RepoRef, entry: Entry) -> S3Reader:
+    def layers(self) -> list[tuple[str, Cache]]:
+        return [(TIER, self)]
+
+    async def open(self, repo: RepoRef, entry: Entry, *, use: bool = True) -> S3Reader:
         """No request yet: the first read is the GET itself (one round trip per hit, none
         for a HEAD or a 304); an object gone by then raises :class:`EntryGone` there."""
         return S3Reader(entry, self, self.object_name(repo, entry.key))

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
-from gitcache.cache.base import Entry, Reader, Tail, Upload
+from gitcache.cache.base import Cache, Entry, Reader, Tail, Upload
 from gitcache.cache.checked import CheckedFile
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache, S3Error
@@ -133,9 +133,12 @@ class TieredCache:
     async def get(self, repo: RepoRef, key: str) -> Entry | None:
         return await self.disk.get(repo, key) or await self.s3.get(repo, key)
 
-    async def open(self, repo: RepoRef, entry: Entry) -> Reader | None:
+    def layers(self) -> list[tuple[str, Cache]]:
+        return [*self.disk.layers(), *self.s3.layers()]
+
+    async def open(self, repo: RepoRef, entry: Entry, *, use: bool = True) -> Reader | None:
         if await self.disk.get(repo, entry.key) is not None:
-            reader = await self.disk.open(repo, entry)
+            reader = await self.disk.open(repo, entry, use=use)
             if reader is not None:
                 return reader
         return FillingReader(await self.s3.open(repo, entry), self, repo)

@@ -27,14 +27,21 @@ async def authorize_read(request: web.Request, repo: RepoRef) -> None:
         raise NotFound(f"repository {repo.name} not found", code="repo_not_found")
 
 
+# Set by a reverse proxy: the request came from elsewhere, whatever its socket says.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 def authorize_admin(request: web.Request) -> None:
     """Admin routes: with a tokens file, an admin token from anywhere; without one, only
-    requests from loopback."""
+    requests from loopback that no proxy forwarded (behind a proxy on the same host every
+    client would otherwise be "loopback")."""
     tokens = request.app[keys.TOKENS]
     if tokens is not None:
         if not tokens.identify(request.headers.get("Authorization", "")).admin:
             raise Forbidden("this token may not use admin routes")
         return
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        raise Forbidden("a forwarded request needs an admin token for admin routes")
     try:
         if ipaddress.ip_address(request.remote or "").is_loopback:
             return

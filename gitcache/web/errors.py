@@ -20,24 +20,32 @@ def json_error(status: int, message: str, code: str) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except GitcacheError as exc:
-        if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.path, exc.message)
-        response = json_error(exc.status, exc.message, exc.code)
-        if isinstance(exc, RangeNotSatisfiable):
-            response.headers["Content-Range"] = f"bytes */{exc.size}"
-        if isinstance(exc, Unauthorized):
-            response.headers["WWW-Authenticate"] = exc.challenge
-        if isinstance(exc, Overloaded):
-            response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+    except ConnectionError:
+        raise  # the client is gone: nobody to answer
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = exc.reason.lower().replace(" ", "_")
-        return json_error(exc.status, exc.reason, code)
-    except ConnectionError:
-        raise  # the client is gone: nobody to answer
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+        return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
+    except Exception as exc:
+        if request.writer.output_size > 0 and request.transport is not None:
+            # A response is under way: no error can follow it. Cut the connection, so the
+            # client sees a failure at once instead of waiting for the rest.
+            request.transport.abort()
+            raise
+        return _error_response(request, exc)
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    if not isinstance(exc, GitcacheError):
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
         return json_error(500, "internal error", "internal_error")
+    if exc.status >= 500:
+        log.error("%s %s: %s", request.method, request.path, exc.message)
+    response = json_error(exc.status, exc.message, exc.code)
+    if isinstance(exc, RangeNotSatisfiable):
+        response.headers["Content-Range"] = f"bytes */{exc.size}"
+    if isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = exc.challenge
+    if isinstance(exc, Overloaded):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

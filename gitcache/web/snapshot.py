@@ -170,8 +170,13 @@ async def _send_hit(
                 await _send_file(request, response, hit, plan.start, plan.length)
             else:
                 await response.write(first)
-                async for chunk in body:
-                    await response.write(chunk)
+                await _copy(body, response)
+        except SourceFailed as exc:
+            # Cut at once: the client must not wait for bytes that will not come. The
+            # entry is checked now; if its bytes are bad, it is evicted.
+            log.error("hit %s of %s failed mid-body: %s", entry.key, repo.name, exc.__cause__)
+            request.app[keys.SCRUBBER].recheck(repo, entry)
+            return _cut(request, response)
         except OSError:  # the client went away mid-file
             return _cut(request, response)
         request[keys.REQUEST_INFO]["bytes"] = plan.length
@@ -199,18 +204,45 @@ def _first_byte(request: web.Request, source: str) -> None:
     request.app[keys.METRICS].ttfb.labels(source).observe(elapsed)
 
 
+class SourceFailed(Exception):
+    """A hit's bytes could not be read to the end (the cause says why)."""
+
+
+async def _copy(body: AsyncGenerator[bytes, None], response: web.StreamResponse) -> None:
+    """Every chunk of ``body`` to the client; a failure to read raises SourceFailed, a
+    failure to write (the client is gone) raises what the write raised."""
+    while True:
+        try:
+            chunk = await anext(body)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            raise SourceFailed(str(exc)) from exc
+        await response.write(chunk)
+
+
 async def _send_file(
     request: web.Request, response: web.StreamResponse, hit: Hit, start: int, length: int
 ) -> None:
     transport = request.transport
     if hit.reader.file is not None and transport is not None:
         try:
-            await asyncio.get_running_loop().sendfile(transport, hit.reader.file, start, length)
-            return
+            sent = await asyncio.get_running_loop().sendfile(
+                transport, hit.reader.file, start, length
+            )
         except NotImplementedError:
             pass  # TLS or another transport without sendfile: copy instead
-    async for chunk in hit.reader.chunks(start, length):
-        await response.write(chunk)
+        else:
+            if sent != length:  # the file is shorter than its entry says
+                raise SourceFailed(f"sent {sent} of {length} bytes") from OSError(
+                    "the cached file ended early"
+                )
+            return
+    chunks = hit.reader.chunks(start, length)
+    try:
+        await _copy(chunks, response)
+    finally:
+        await chunks.aclose()
 
 
 async def _send_stream(
