@@ -142,7 +142,8 @@ async def test_max_age_takes_ascii_digits_only(client: Any, state_dir: Path, val
 
 async def test_ranges_nobody_can_satisfy_or_parse_get_the_whole(client: Any, rich: str) -> None:
     whole = await (await client.get(snapshot_url(rich))).read()
-    for header in ("bytes=" + "9" * 5000 + "-", "bytes=-" + "9" * 5000, "bytes=٠-٩", "bytes=²-"):
+    nines = "9" * 5000
+    for header in (f"bytes={nines}-", f"bytes=-{nines}", "bytes=\u0660-\u0669", "bytes=²-"):
         response = await client.get(snapshot_url(rich), headers={"Range": header})
         assert response.status == 200, header
         assert await response.read() == whole
