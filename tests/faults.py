@@ -1,10 +1,17 @@
-"""Fault injection for tests: an S3 proxy that cuts object downloads part-way."""
+"""Fault injection for tests: an S3 proxy that cuts object downloads part-way, and a
+small real file system to fill up."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 
@@ -62,3 +69,38 @@ class CuttingProxy:
 def _passed(upstream: Any) -> dict[str, str]:
     skip = {"transfer-encoding", "connection", "content-encoding"}
     return {k: v for k, v in upstream.headers.items() if k.lower() not in skip}
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` (tmpfs) mounted at ``path``; skips the test where
+    mounting is not allowed (not root, or no privilege in this sandbox)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system holding ``directory`` to the last byte; the filler's path."""
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with contextlib.suppress(OSError), filler.open("ab") as f:  # the last partial block
+        while True:
+            f.write(b"\0")
+            f.flush()
+    return filler

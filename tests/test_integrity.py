@@ -14,7 +14,8 @@ import boto3
 import pytest
 
 from gitcache import keys
-from tests.faults import CuttingProxy
+from gitcache.cache.disk import DiskCache
+from tests.faults import CuttingProxy, fill, small_filesystem
 from tests.helpers import HOST, settled, snapshot_url
 from tests.upstream import Upstream
 
@@ -146,3 +147,34 @@ async def test_s3_dropping_mid_object_cuts_the_hit(
     assert again.headers["X-Gitcache-Source"] == "hit"
     assert await again.read() == good
     assert not list((state_dir / "spool").glob("*.fill"))  # the partial fill was dropped
+
+
+async def test_a_full_disk_at_the_manifest_write_leaves_the_cache_as_it_was(
+    make_client: Any, rich: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot file is in place, then the manifest cannot be written (ENOSPC on a real
+    full file system): the commit is undone at once, the client still gets its bytes."""
+    with small_filesystem(tmp_path / "small", "64m") as state:
+        real = DiskCache._commit_files
+        filler: list[Path] = []
+
+        def full_before_the_manifest(self: DiskCache, *args: Any) -> None:
+            filler.append(fill(state))
+            real(self, *args)
+
+        monkeypatch.setattr(DiskCache, "_commit_files", full_before_the_manifest)
+        client = await make_client(state=state, cache={"disk": {"min_free": 0}})
+        response = await client.get(snapshot_url(rich))
+        body = await response.read()
+        assert response.status == 200 and zstd_test(body) == 0
+        await settled(client)
+        cache_files = [p.name for p in (state / "cache").rglob("*") if p.is_file()]
+        assert cache_files == []  # no unlisted snapshot, no manifest, no temp file
+        assert client.app[keys.CACHE].repos() == []  # and none listed
+
+        monkeypatch.setattr(DiskCache, "_commit_files", real)
+        filler[0].unlink()  # room again: the next miss is cached
+        await (await client.get(snapshot_url(rich))).read()
+        await settled(client)
+        assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
+        await client.close()

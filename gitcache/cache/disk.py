@@ -50,12 +50,17 @@ class DiskReader:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole, or (on failure: a full disk) not at all."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 TIER = "disk"
@@ -186,9 +191,26 @@ class DiskCache:
         await self._evict()
 
     def _commit_files(self, repo: RepoRef, spool: Path, entry: Entry, manifest: Manifest) -> None:
+        """The file into place, then the manifest that lists it; if the manifest cannot be
+        written, the directory is left as it was before (the file a key had, if any,
+        put back), so nothing unlisted stays behind."""
         self._dir(repo).mkdir(parents=True, exist_ok=True)
-        os.replace(spool, self._path(repo, entry.key))
-        _write_atomic(self._dir(repo) / MANIFEST_NAME, manifest.dumps())
+        path = self._path(repo, entry.key)
+        previous = path.with_name(f".{path.name}.previous")
+        had = path.exists()
+        if had:
+            os.replace(path, previous)
+        try:
+            os.replace(spool, path)
+            _write_atomic(self._dir(repo) / MANIFEST_NAME, manifest.dumps())
+        except BaseException:
+            if had:
+                os.replace(previous, path)
+            else:
+                path.unlink(missing_ok=True)
+            raise
+        if had:
+            previous.unlink()
 
     async def touch(self, repo: RepoRef, entry: Entry, fetched_at: float) -> None:
         async with self._locks[repo]:

@@ -350,7 +350,7 @@ class SnapshotService:
                 if await self._disk_has_room():
                     await self._cache.commit(repo, generation.spool, entry, upload)
                     committed = entry
-            except GitcacheError as exc:
+            except (GitcacheError, OSError) as exc:
                 # Clients still get their verified bytes; only the cache misses out.
                 log.error("could not commit %s %s: %s", repo.name, generation.key, exc)
             except Exception:
