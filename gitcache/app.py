@@ -22,6 +22,7 @@ from gitcache.health import Health
 from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gitcache.metrics import Metrics
 from gitcache.mirror.archive import MirrorArchives
+from gitcache.mirror.leftovers import clear_mirror_locks, reap_orphans
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
@@ -115,6 +116,10 @@ def create_app(
         service = SnapshotService(
             config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
         )
+        # What a gitcache killed outright left: its git processes first (they may still
+        # write), then their lock files; clean_leftovers then empties spool/ and tmp/.
+        await asyncio.to_thread(reap_orphans, state)
+        await asyncio.to_thread(clear_mirror_locks, app[keys.MIRRORS].root)
         service.clean_leftovers()
         app[keys.SNAPSHOTS] = service
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -27,9 +28,16 @@ class Upstream:
     root: Path
     requests: list[tuple[str, str]] = field(default_factory=list)
     fail: bool = False  # answer every request with 500
-    delay: float = 0.0  # seconds before answering
+    delay: float = 0.0  # seconds before answering (or until release())
     users: dict[str, str] | None = None  # when set, Basic auth with one of these is required
     port: int = 0
+
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        """Answer the requests held by ``delay`` now, and every later one at once."""
+        self.delay = 0
+        self._released.set()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}.git"
@@ -41,7 +49,8 @@ class Upstream:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.path, request.query_string))
-        await asyncio.sleep(self.delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), self.delay)
         if self.fail:
             return web.Response(status=500, text="upstream is down")
         if self.users is not None and not self._authorized(request):

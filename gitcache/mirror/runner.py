@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -48,6 +50,26 @@ def git_env(extra: Mapping[str, str] | None = None, *, hermetic: bool = False) -
     if extra:
         env.update(extra)
     return env
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc: ctypes.CDLL | None = None
+if sys.platform == "linux":
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: be killed when gitcache dies, even by
+    SIGKILL (the child leads its own session, so no signal to gitcache's group reaches
+    it). If gitcache died before this ran, exit at once."""
+
+    def preexec() -> None:
+        if _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -87,6 +109,7 @@ async def _spawn(
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()),
     )
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from gitcache.config import Config
 from gitcache.errors import GitError
 from gitcache.metrics import Metrics
+from gitcache.mirror.leftovers import remove_stale_locks
 from gitcache.mirror.runner import run_git
 from gitcache.mirror.store import Mirror, MirrorStore
 
@@ -29,15 +29,6 @@ REPACK_CONFIG = (
     "-c",
     "pack.deltaCacheSize=64m",
 )
-
-
-def remove_stale_locks(git_dir: Path) -> list[Path]:
-    """Lock files left by a killed git. Safe only under the write lock: then no git of
-    ours is writing to the mirror."""
-    stale = [p for p in git_dir.rglob("*.lock") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 class Upkeep:
