@@ -25,7 +25,8 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from gitcache.cache.s3 import S3Cache
 from gitcache.config import Config
@@ -33,7 +34,7 @@ from gitcache.errors import GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
-from gitcache.repo import RepoRef, parse_ref, parse_repo
+from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import Coalescer, TaskSet, run_blocking
 
@@ -94,12 +95,28 @@ class Refresher:
 
     def load(self) -> None:
         """Read persisted run times; adopt mirrors on disk it does not name; register
-        pinned repositories, due at once."""
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            data = json.loads(self._path.read_text("utf-8"))
-            for name, raw in data["repos"].items():
-                host, path = name.split("/", 1)
-                self.repos[RepoRef(host, path)] = RepoState(**raw)
+        pinned repositories, due at once. A state file that cannot be read as one is set
+        aside (renamed, for a person to look at) and the server starts with empty state."""
+        try:
+            text: bytes | None = self._path.read_bytes()
+        except FileNotFoundError:
+            text = None
+        except OSError as exc:
+            text = None
+            log.error("cannot read %s: %s; starting with empty refresh state", self._path, exc)
+        if text is not None:
+            try:
+                self.repos = parse_state(text, self._config)
+            except ValueError as exc:
+                aside = self._path.with_name(f"{STATE_FILE}.bad-{int(self._clock())}")
+                with contextlib.suppress(OSError):
+                    self._path.rename(aside)
+                log.error(
+                    "%s is not a refresh state (%s): set aside as %s; starting empty",
+                    self._path,
+                    exc,
+                    aside.name,
+                )
         now = self._clock()
         for repo, fetched in self._mirrors.on_disk().items():
             if repo not in self.repos:
@@ -125,8 +142,9 @@ class Refresher:
         tmp.replace(self._path)
         self._saved = text
 
-    def requested(self, repo: RepoRef, ref: str) -> None:
-        """A client asked for ``ref`` of ``repo``: keep it fresh from now on."""
+    def requested(self, repo: RepoRef, spec: RefSpec) -> None:
+        """A client was served ``spec`` of ``repo``: keep it fresh from now on. A commit
+        id's snapshot never changes, so there is nothing to refresh for it but the mirror."""
         now = self._clock()
         state = self.repos.get(repo)
         if state is None:
@@ -135,8 +153,8 @@ class Refresher:
                 next_run=now + self._interval(), last_maintenance=now
             )
         state.last_requested = now
-        if ref not in state.refs:
-            state.refs.append(ref)
+        if spec.sha is None and spec.label not in state.refs:
+            state.refs.append(spec.label)
 
     def _interval(self, failures: int = 0) -> float:
         if failures:
@@ -286,6 +304,66 @@ class Refresher:
             except Exception:
                 log.exception("refresh tick failed")
             await asyncio.sleep(TICK)
+
+
+_FIELDS = {f.name: f.type for f in fields(RepoState)}
+
+
+def parse_state(text: bytes, config: Config) -> dict[RepoRef, RepoState]:
+    """The repositories of a state file; ValueError if it is not one. Repositories of
+    hosts no longer configured are dropped, and so are commit ids among the refs (their
+    snapshots never change: nothing to refresh)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("repos"), dict):
+        raise ValueError('expected {"repos": {"host/repository": {...}}}')
+    repos: dict[RepoRef, RepoState] = {}
+    for name, raw in data["repos"].items():
+        host, _, path = str(name).partition("/")
+        if host not in config.upstreams:
+            continue
+        try:
+            repo = parse_repo(host, path, config.upstreams)
+        except GitcacheError as exc:
+            raise ValueError(f"{name!r}: {exc.message}") from None
+        repos[repo] = _repo_state(str(name), raw)
+    return repos
+
+
+def _repo_state(name: str, raw: object) -> RepoState:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name!r}: expected an object")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = _FIELDS.get(key)
+        if kind is None:
+            continue  # a field of another version: ignored
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = max(0, value)
+        elif kind == "str" and isinstance(value, str):
+            values[key] = value
+        elif kind == "list[str]" and isinstance(value, list):
+            values[key] = [_label(name, v) for v in value]
+        else:
+            raise ValueError(f"{name!r}.{key}: {value!r} is not a {kind}")
+    values["refs"] = [ref for ref in values.get("refs", []) if ref is not None]
+    return RepoState(**values)
+
+
+def _label(name: str, value: object) -> str | None:
+    """A ref label of a state file, checked as a request's would be; None for a commit id."""
+    if isinstance(value, str):
+        try:
+            spec = parse_ref(value)
+        except GitcacheError:
+            pass
+        else:
+            return None if spec.sha is not None else spec.label
+    raise ValueError(f"{name!r}.refs: {value!r} is not a ref")
 
 
 def _ref(label: str) -> str | None:

@@ -1,7 +1,8 @@
 """From a validated request to the bytes of a snapshot: a hit from the cache, a follower
 of a running generation, or a new generation (a miss).
 
-    newest cached entry for the ref, still fresh?  ──yes──► hit
+    newest cached entry for the ref, still fresh  ──yes──► hit
+    (or any age, for a commit id)?
     │no
     mirror.ensure (clone / fetch when stale) → resolve the ref → key
     generation running for the key?  ──yes──► follower
@@ -83,10 +84,13 @@ class Resolved:
     key: str
 
 
-def snapshot_key(ref: str, checkout: Checkout, refs_digest: str) -> str:
-    """Unique per what a snapshot contains: the ref asked for, what it checks out, and
-    every ref in it. The commit prefix keeps cache listings readable."""
-    h = hashlib.sha256(f"{ref}\n{checkout.commit}\n{checkout.branch}\n{refs_digest}".encode())
+def snapshot_key(spec: RefSpec, checkout: Checkout, refs_digest: str) -> str:
+    """Unique per what a snapshot contains: what it checks out and every ref in it, not
+    the name it was asked by (two tags on one commit share one snapshot). A commit id's
+    snapshot leaves the refs out: its URL names one sequence of bytes for as long as it is
+    cached, however the branches move. The commit prefix keeps cache listings readable."""
+    refs = "immutable" if spec.sha is not None else refs_digest
+    h = hashlib.sha256(f"{checkout.commit}\n{checkout.branch}\n{refs}".encode())
     return f"{checkout.commit[:12]}-{h.hexdigest()[:20]}"
 
 
@@ -138,7 +142,9 @@ class SnapshotService:
         fails, an older snapshot within ``refresh.stale_if_error`` is served instead."""
         window = self._fetch_interval if max_age is None else min(max_age, self._fetch_interval)
         entry = await self._cache.newest(repo, spec.label)
-        if entry is not None and self._clock() - entry.fetched_at < window:
+        # A commit id's snapshot never goes stale: the upstream is not asked again.
+        fresh = entry is not None and self._clock() - entry.fetched_at < window
+        if entry is not None and (fresh or spec.sha is not None):
             hit = await self._open(repo, entry)
             if hit is not None:
                 return hit
@@ -175,7 +181,7 @@ class SnapshotService:
                 raise NotFound(f"commit {spec.sha} not found in {repo.name}", code="ref_not_found")
         assert mirror.refs is not None
         checkout = mirror.refs.resolve(spec)
-        return Resolved(mirror, checkout, snapshot_key(spec.label, checkout, mirror.refs.digest))
+        return Resolved(mirror, checkout, snapshot_key(spec, checkout, mirror.refs.digest))
 
     async def _find_or_start(
         self,

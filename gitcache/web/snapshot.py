@@ -68,12 +68,15 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     spec = parse_ref(request.query.get("ref"))
     max_age = parse_max_age(request)
     await authorize_read(request, repo)
-    request.app[keys.REFRESHER].requested(repo, spec.label)
     try:
-        return await _respond(request, repo, spec, max_age)
+        response = await _respond(request, repo, spec, max_age)
     except EntryGone:
         # Nothing was sent yet, and the entry is forgotten: serve the request again.
-        return await _respond(request, repo, spec, max_age)
+        response = await _respond(request, repo, spec, max_age)
+    # Only what exists is kept fresh from now on: made-up names and commits that failed
+    # (404) are not remembered.
+    request.app[keys.REFRESHER].requested(repo, spec)
+    return response
 
 
 async def _respond(
