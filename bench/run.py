@@ -10,13 +10,16 @@ as a separate process (so that its memory can be measured), and prints:
   temporary checkout, then ``tar | zstd -T0``" (what the reference implementation does);
 - hit throughput against aiohttp's ``web.FileResponse`` serving the same file;
 - restore (``curl | zstd -d | tar -x``) against ``git clone`` over HTTP from the upstream;
-- peak RSS of the server while 20 clients stream one miss.
+- peak RSS of the server while 20 clients stream one miss, and while 200 slow clients
+  (1 KiB/s each) follow one miss.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +37,8 @@ from tests.upstream import git
 
 HOST = "bench.test"
 CLIENTS = 20
+SLOW_CLIENTS = 200
+SLOW_SECONDS = 15
 
 
 def sh(command: str) -> float:
@@ -194,11 +199,48 @@ class Bench:
             f"  (failed clients: {failed})"
         )
 
+    def slow_memory(self) -> None:
+        """RSS while SLOW_CLIENTS clients with small receive buffers each read 1 KiB a
+        second of one miss: what every slow follower of a spool holds in the server."""
+        before = rss_kb(self.pid)
+        peak = asyncio.run(self._slow_clients(self.url("slow")))
+        print(f"\nserver memory, {SLOW_CLIENTS} clients reading one miss at 1 KiB/s")
+        print(
+            f"  RSS idle {before / 1024:6.1f} MB  peak {peak / 1024:6.1f} MB"
+            f"  ({(peak - before) / SLOW_CLIENTS:.0f} KiB per client)"
+        )
+
+    async def _slow_clients(self, url: str) -> int:
+        host, _, rest = url.removeprefix("http://").partition("/")
+        address, port = host.split(":")
+        request = f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+        async def client() -> None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((address, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=2048)
+            writer.write(request)
+            try:
+                for _ in range(SLOW_SECONDS):
+                    await reader.read(1024)
+                    await asyncio.sleep(1)
+            finally:
+                writer.close()
+
+        peak = rss_kb(self.pid)
+        clients = asyncio.gather(*(client() for _ in range(SLOW_CLIENTS)))
+        while not clients.done():
+            peak = max(peak, rss_kb(self.pid))
+            await asyncio.wait([clients], timeout=0.05)
+        await clients
+        return peak
+
 
 def run(bare: Path, runs: int, work: Path) -> None:
     head = git("--git-dir", str(bare), "rev-parse", "HEAD").strip()
     # One branch per measured miss: the same commit, distinct snapshots, a warm mirror.
-    for branch in [*(f"bench-{i}" for i in range(runs + 1)), "rss"]:
+    for branch in [*(f"bench-{i}" for i in range(runs + 1)), "rss", "slow"]:
         git("--git-dir", str(bare), "branch", "-f", branch, head)
     size = sum(f.stat().st_size for f in bare.rglob("*") if f.is_file())
     print(f"repository {bare.name}: {size / 1e6:.1f} MB on disk; medians of {runs} runs")
@@ -213,6 +255,7 @@ def run(bare: Path, runs: int, work: Path) -> None:
             bench.hit(next((state / "cache").rglob("*.tar.zst")))
             bench.restore()
             bench.memory()
+            bench.slow_memory()
 
 
 def main() -> None:

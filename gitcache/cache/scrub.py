@@ -47,6 +47,9 @@ class Scrubber:
         self._rate = rate
         self._claim = claim
         self._checking: set[tuple[str, RepoRef, str]] = set()
+        for name, _ in self._layers:  # at 0 from the start: an alert's rate() has data
+            for result in ("ok", "corrupt", "error"):
+                metrics.scrub_checks.labels(name, result)
 
     async def scrub(self) -> int:
         """One pass over every entry of every tier; how many were evicted."""

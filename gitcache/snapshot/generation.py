@@ -26,7 +26,11 @@ from gitcache.tasks import run_blocking
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-READ_CHUNK = 256 * 1024  # per reader, so 20 readers hold a few MiB at most
+# What a reader reads stays in memory until its client took it (aiohttp copies it once
+# more to frame it): 64 KiB a read keeps 200 slow clients of one miss under ~60 MB, and
+# costs a fast client little.
+READ_CHUNK = 64 * 1024  # per read of a reader that keeps up
+SLOW_READ_CHUNK = 16 * 1024  # per read of a reader whose client is behind (see read())
 PIPELINE_DEPTH = 4  # batches of CHUNK bytes between the tar producer and zstd
 
 
@@ -177,9 +181,17 @@ class SpoolReader:
         return self
 
     async def __anext__(self) -> bytes:
+        if chunk := await self.read(READ_CHUNK):
+            return chunk
+        raise StopAsyncIteration
+
+    async def read(self, limit: int) -> bytes:
+        """The next bytes, at most ``limit`` of them; b"" at the end. What a reader has
+        read stays in memory until its client took it: a client that is behind is
+        given small reads (the spool file, not memory, holds the rest)."""
         if self._fd < 0 or await self.extent(self._offset + 1) <= self._offset:
-            raise StopAsyncIteration
-        want = min(READ_CHUNK, self._generation.size - self._offset)
+            return b""
+        want = min(limit, self._generation.size - self._offset)
         # run_blocking: on cancel, the thread is done with the fd before aclose.
         chunk = await run_blocking(os.pread, self._fd, want, self._offset)
         self._offset += len(chunk)

@@ -15,6 +15,7 @@ from gitcache import keys
 from gitcache.cache.s3 import S3Reader
 from gitcache.errors import BadRequest, EntryGone, GitcacheError
 from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
+from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK
 from gitcache.snapshot.service import Hit, Stream
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
@@ -260,16 +261,23 @@ async def _send_stream(
     try:
         # Wait for the first bytes before the status line, so a generation that fails
         # at once still gets a proper JSON error.
-        first = await anext(body, b"")
+        first = await body.read(SLOW_READ_CHUNK)  # small: how fast the client is is unknown
         response = web.StreamResponse(headers=headers)
         response.enable_chunked_encoding()
         await response.prepare(request)
         info = request[keys.REQUEST_INFO]
         info["bytes"] = len(first)
         _first_byte(request, stream.source)
+        transport = request.transport
         try:
             await response.write(first)
-            async for chunk in body:
+            while True:
+                # A client that has not taken the last chunk yet gets small ones: 200
+                # slow clients then hold a few MiB between them, not a chunk each.
+                behind = transport is not None and transport.get_write_buffer_size() > 0
+                chunk = await body.read(SLOW_READ_CHUNK if behind else READ_CHUNK)
+                if not chunk:
+                    break
                 await response.write(chunk)
                 info["bytes"] += len(chunk)
         except GitcacheError:  # the generation failed (it logs why, once)
