@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gitcache import keys
 from gitcache.auth import Passthrough, Tokens
@@ -19,7 +20,6 @@ from gitcache.cache.scrub import Scrubber
 from gitcache.cache.tiered import TieredCache
 from gitcache.config import Config
 from gitcache.health import Health
-from gitcache.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gitcache.metrics import Metrics
 from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.leftovers import clear_mirror_locks, reap_orphans
@@ -50,11 +50,6 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[keys.HEALTH].ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready"}, status=503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[keys.METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def _shared_bucket(cache: Cache) -> S3Cache | None:
@@ -175,7 +170,8 @@ def create_app(
     app.on_shutdown.append(health.shutting_down)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # prometheus-client's own handler: OpenMetrics when asked for, gzip when accepted.
+    app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
     app.router.add_get(SNAPSHOT_ROUTE, snapshot)
     app.router.add_post("/hooks/{kind}", hook)
     admin.add_routes(app)

@@ -7,17 +7,48 @@ base units; labels take a handful of fixed values each, so cardinality stays bou
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from importlib.metadata import PackageNotFoundError, version
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+# ``*_created`` series double the exposition and no dashboard or alert uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+RESULTS = ("ok", "failed")  # the one vocabulary of every ``result`` label
+SOURCES = ("hit", "miss", "follower", "stale")
+TIERS = ("disk", "s3", "tiered", "spool")
+MIRROR_OPERATIONS = ("clone", "restore", "fetch", "rebuild", "archive", "repack", "fsck")
+LIMITS = ("max_generations", "max_clients_per_generation", "max_connections")
 # Seconds: from a sendfile hit on loopback to a clone of a large repository.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+def _version() -> str:
+    try:
+        return version("gitcache")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory…
+        PlatformCollector(registry=r)  # python_info
+        Gauge(
+            "gitcache_build_info",
+            "The running gitcache's version (always 1).",
+            ["version"],
+            registry=r,
+        ).labels(_version()).set(1)
         self.requests = Counter(
             "gitcache_http_requests_total",
             "HTTP requests by route and status.",
@@ -117,7 +148,7 @@ class Metrics:
         self.scrub_checks = Counter(
             "gitcache_scrub_checks_total",
             "Cached snapshots read back and hashed by the scrub, by tier and result (ok, "
-            "corrupt: evicted, error: could not be read).",
+            "corrupt: evicted, failed: could not be read).",
             ["tier", "result"],
             registry=r,
         )
@@ -177,9 +208,26 @@ class Metrics:
             registry=r,
         )
 
+        self._zero_label_sets()
+
+    def _zero_label_sets(self) -> None:
+        """Label sets that alerts and dashboards use, present at 0 from the start: a rate()
+        over them says 0 on a quiet server, not "no data"."""
+        for source in SOURCES:
+            self.bytes_served.labels(source)
+            self.ttfb.labels(source)
+            for tier in TIERS:
+                self.snapshot_responses.labels(source, tier)
+        for result in RESULTS:
+            self.generations.labels(result)
+            self.refresh_jobs.labels(result)
+            for operation in MIRROR_OPERATIONS:
+                self.mirror_operations.labels(operation, result)
+        for result in (*RESULTS, "aborted"):
+            self.s3_uploads.labels(result)
+        for limit in LIMITS:
+            self.overloaded.labels(limit)
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if never set): counts are kept here only."""
         return self.registry.get_sample_value(name, labels) or 0.0
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -252,7 +252,7 @@ class Refresher:
                 log.warning(
                     "refresh of %s failed (%d in a row): %s", repo.name, state.failures, exc.message
                 )
-                self._metrics.refresh_jobs.labels("error").inc()
+                self._metrics.refresh_jobs.labels("failed").inc()
             else:
                 state.failures = 0
                 state.last_result = f"ok: {generated} new snapshots"

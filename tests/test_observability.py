@@ -117,7 +117,7 @@ async def test_stale_is_counted(make_client: Any, upstream: Upstream, rich: str)
     assert stale.headers["X-Gitcache-Source"] == "stale"
     m = await (await client.get("/metrics")).text()
     assert sample(m, "gitcache_snapshot_responses_total", source="stale", tier="disk") == 1
-    assert sample(m, "gitcache_mirror_operations_total", operation="fetch", result="error") >= 1
+    assert sample(m, "gitcache_mirror_operations_total", operation="fetch", result="failed") >= 1
 
 
 async def test_one_log_line_per_request_and_json_format(

@@ -166,7 +166,7 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     response = await second.get(snapshot_url(rich), headers={"Cache-Control": "max-age=0"})
     assert response.headers["X-Gitcache-Commit"] == new
     body = await response.read()
-    assert mirror_operations(second, "restore", "error") == 1
+    assert mirror_operations(second, "restore", "failed") == 1
     assert mirror_operations(second, "clone") == 1
     checkout = extract(body, tmp_path / "checkout")
     git("fsck", "--no-progress", cwd=checkout)

@@ -76,6 +76,7 @@ class DiskCache:
         metrics.cache_bytes.labels(TIER).set_function(lambda: self.size)
         metrics.cache_entries.labels(TIER).set_function(lambda: self.count)
         metrics.cache_max_bytes.labels(TIER).set(max_size)
+        metrics.cache_evictions.labels(TIER)  # at 0 from the start
         self._manifests: dict[RepoRef, Manifest] = {}
         self._lru: collections.OrderedDict[tuple[RepoRef, str], int] = collections.OrderedDict()
         self._locks: collections.defaultdict[RepoRef, asyncio.Lock] = collections.defaultdict(

@@ -58,6 +58,20 @@ QUICK_TIMEOUT = 5.0  # a manifest, an entry or a lease is a few KiB: S3 slower t
 SKIP_AFTER_FAILURE = 10.0
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# Every ``operation`` label of gitcache_s3_errors_total (see S3Cache.failed).
+OPERATIONS = (
+    "get",
+    "get_manifest",
+    "put_manifest",
+    "get_entry",
+    "put_entry",
+    "list",
+    "delete",
+    "lease",
+    "create_upload",
+    "upload",
+    "abort_upload",
+)
 
 
 class S3Error(GitcacheError):
@@ -127,6 +141,8 @@ class S3Cache:
         self.journal = UploadJournal(journal_dir) if journal_dir is not None else None
         self.housekeeping: asyncio.Task[None] | None = None
         self.metrics = metrics
+        for operation in OPERATIONS:  # at 0 from the start, for the S3 alert's rate()
+            metrics.s3_errors.labels(operation)
         self._bucket = config.bucket
         self.client: Any = None
         self._skip_until = 0.0  # see failed()

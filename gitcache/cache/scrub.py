@@ -48,7 +48,7 @@ class Scrubber:
         self._claim = claim
         self._checking: set[tuple[str, RepoRef, str]] = set()
         for name, _ in self._layers:  # at 0 from the start: an alert's rate() has data
-            for result in ("ok", "corrupt", "error"):
+            for result in ("ok", "corrupt", "failed"):
                 metrics.scrub_checks.labels(name, result)
 
     async def scrub(self) -> int:
@@ -98,7 +98,7 @@ class Scrubber:
             problem = await self._problem(tier, repo, entry)
         except (EntryGone, GitcacheError) as exc:
             log.warning("scrub: could not read %s %s on %s: %s", repo.name, entry.key, name, exc)
-            self._metrics.scrub_checks.labels(name, "error").inc()
+            self._metrics.scrub_checks.labels(name, "failed").inc()
             return True
         finally:
             self._checking.discard(key)

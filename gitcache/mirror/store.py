@@ -244,7 +244,7 @@ class MirrorStore:
     async def _operation(self, operation: str, mirror: Mirror) -> AsyncIterator[None]:
         """Count and time a mirror operation."""
         started = time.monotonic()
-        result = "error"
+        result = "failed"
         try:
             yield
             result = "ok"

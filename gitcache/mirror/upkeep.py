@@ -73,11 +73,11 @@ class Upkeep:
                 )
             self._metrics.mirror_operations.labels("repack", "ok").inc()
         except GitError as exc:
-            self._metrics.mirror_operations.labels("repack", "error").inc()
+            self._metrics.mirror_operations.labels("repack", "failed").inc()
             log.warning("maintenance of %s failed: %s", mirror.repo.name, exc.message)
         self._metrics.mirror_duration.labels("repack").observe(time.monotonic() - started)
         healthy = await self.healthy(mirror)
-        self._metrics.mirror_operations.labels("fsck", "ok" if healthy else "error").inc()
+        self._metrics.mirror_operations.labels("fsck", "ok" if healthy else "failed").inc()
         if not healthy:
             await self._mirrors.rebuild(mirror)
         log.info("maintained %s in %.2fs", mirror.repo.name, time.monotonic() - started)
