@@ -13,6 +13,7 @@ boundary where they happen (``raise … from exc``), never in the handlers.
     ├── Overloaded (503)          too many generations, or readers of one
     ├── UpstreamError (502)       the upstream failed
     │   └── UpstreamTimeout (504) the upstream did not answer in time
+    ├── StorageFull (507)         the local disk is full: a fault of ours, not the upstream's
     ├── GitError (500)            a local git command failed
     └── GenerationFailed (500)    building a snapshot failed
 """
@@ -100,6 +101,13 @@ class UpstreamError(GitcacheError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class StorageFull(GitcacheError):
+    """No space left on the local disk (or over quota) while cloning, fetching or writing."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class GitError(GitcacheError):

@@ -22,15 +22,23 @@ class MaskCredentials(logging.Filter):
         return True
 
 
+# A record attribute holding structured fields (``extra={FIELDS: {...}}``): keys of their
+# own in JSON logs, for log stores to index (the access log's method, path, status, …).
+FIELDS = "fields"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            doc.update({k: v for k, v in fields.items() if k not in doc})
         if record.exc_info:
             doc["exception"] = mask_credentials(self.formatException(record.exc_info))
         return json.dumps(doc, ensure_ascii=False)

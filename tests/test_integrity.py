@@ -178,3 +178,17 @@ async def test_a_full_disk_at_the_manifest_write_leaves_the_cache_as_it_was(
         await settled(client)
         assert (await client.get(snapshot_url(rich))).headers["X-Gitcache-Source"] == "hit"
         await client.close()
+
+
+async def test_a_full_disk_during_a_clone_is_our_507_not_the_upstreams_502(
+    make_client: Any, upstream: Upstream, big_work: Path, tmp_path: Path
+) -> None:
+    upstream.create("big", big_work)
+    with small_filesystem(tmp_path / "small", "8m") as state:
+        client = await make_client(state=state, cache={"disk": {"min_free": 0}})
+        response = await client.get(snapshot_url("big"))
+        assert response.status == 507
+        body = await response.json()
+        assert body["code"] == "insufficient_storage" and "disk" in body["error"]
+        assert list((state / "tmp").iterdir()) == []  # the half-made clone is gone
+        await client.close()

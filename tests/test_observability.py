@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gitcache.errors import GitError
-from gitcache.log import setup_logging
+from gitcache.log import JsonFormatter, setup_logging
 from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
 from tests.processes import start_gitcache
 from tests.upstream import Upstream
@@ -146,6 +146,14 @@ async def test_one_log_line_per_request_and_json_format(
     record = json.loads(stream.getvalue())
     assert record["level"] == "WARNING" and record["logger"] == "gitcache.test"
     assert "hunter2" not in record["message"] and "https://***@example.test/x" in record["message"]
+
+    # The access log's fields are keys of their own, not only words of the message.
+    (access,) = [r for r in caplog.records if r.name == "gitcache.access"]
+    formatted = json.loads(JsonFormatter().format(access))
+    assert formatted["method"] == "GET" and formatted["status"] == "200"
+    assert formatted["source"] == "miss" and formatted["bytes"] > 0
+    assert re.fullmatch(r"[0-9a-f]{40}", formatted["commit"])
+    assert formatted["path"] == f"/git/{HOST}/{rich}/snapshot.tar.zst"
 
 
 async def test_admin_api(client: Any, rich: str, state_dir: Path) -> None:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gitcache.config import Config
-from gitcache.errors import GitError, GitTimeout, NotFound, UpstreamError, UpstreamTimeout
+from gitcache.errors import (
+    GitError,
+    GitTimeout,
+    NotFound,
+    StorageFull,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gitcache.metrics import Metrics
 from gitcache.mirror.addresses import upstream_env
 from gitcache.mirror.archive import MirrorArchives
@@ -56,6 +63,8 @@ _NOT_FOUND_HINTS = (
 )
 
 
+_DISK_FULL_HINTS = ("no space left on device", "disk quota exceeded")
+
 _CORRUPT_HINTS = (
     "corrupt",
     "bad object",
@@ -83,10 +92,13 @@ class Mirror:
 
 
 def upstream_failure(repo: RepoRef, exc: GitError) -> Exception:
-    """Map a failed clone/fetch/ls-remote into what the client should be told."""
+    """Map a failed clone/fetch/ls-remote into what the client should be told: a local
+    fault (a full disk while index-pack writes) is ours, not the upstream's."""
     if isinstance(exc, GitTimeout):
         return UpstreamTimeout(f"the upstream of {repo.name} did not answer in time")
     text = exc.stderr.lower()
+    if any(hint in text for hint in _DISK_FULL_HINTS):
+        return StorageFull(f"no space left on gitcache's disk while fetching {repo.name}")
     if any(hint in text for hint in _NOT_FOUND_HINTS):
         return NotFound(f"repository {repo.name} not found upstream", code="repo_not_found")
     last = exc.stderr.splitlines()[-1] if exc.stderr else str(exc)
@@ -408,6 +420,8 @@ def objects_size(git_dir: Path) -> int:
 def _corrupt(exc: GitError) -> bool:
     """Does a failed fetch say the mirror itself is damaged (not the upstream)?"""
     text = exc.stderr.lower()
+    if any(hint in text for hint in _DISK_FULL_HINTS):
+        return False  # a rebuild would only fill the disk again
     return any(hint in text for hint in _CORRUPT_HINTS)
 
 

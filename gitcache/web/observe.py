@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gitcache import keys
+from gitcache.log import FIELDS
 
 log = logging.getLogger("gitcache.access")
 
@@ -47,13 +48,19 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.request_duration.labels(route).observe(elapsed)
         # The path is logged without its query: no token or secret ever rides in it, but
         # a client may put one there by mistake.
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "source": info.get("source", "-"),
+            "bytes": info.get("bytes", 0),
+            "duration": round(elapsed, 3),
+            "commit": info.get("commit", "-"),
+        }
+        # The text line reads as ever; JSON logs carry the fields as keys of their own.
         log.info(
-            "%s %s %s source=%s bytes=%s duration=%.3f commit=%s",
-            request.method,
-            request.path,
-            status,
-            info.get("source", "-"),
-            info.get("bytes", 0),
-            elapsed,
-            info.get("commit", "-"),
+            "%(method)s %(path)s %(status)s source=%(source)s bytes=%(bytes)s "
+            "duration=%(duration).3f commit=%(commit)s",
+            fields,
+            extra={FIELDS: fields},
         )
