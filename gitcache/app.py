@@ -172,7 +172,10 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     # prometheus-client's own handler: OpenMetrics when asked for, gzip when accepted.
     app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
-    app.router.add_get(SNAPSHOT_ROUTE, snapshot)
+    snapshots_route = app.router.add_get(SNAPSHOT_ROUTE, snapshot).resource
+    assert snapshots_route is not None
+    for status in ("200", "500"):  # at 0 from the start, for the 5xx alert's rate()
+        app[keys.METRICS].requests.labels(snapshots_route.canonical, "GET", status)
     app.router.add_post("/hooks/{kind}", hook)
     admin.add_routes(app)
     return app
