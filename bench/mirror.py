@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.harness import BUCKET, benchmark, local_bucket, served_upstream
-from gitcache.cache.s3 import S3Cache
+from gitcache.bucket.client import Bucket
 from gitcache.config import Config, config_from_dict
 from gitcache.metrics import Metrics
 from gitcache.mirror.archive import MirrorArchives
@@ -41,14 +41,14 @@ def make_config(state: Path, upstream_url: str, s3_endpoint: str) -> Config:
 
 async def measure(upstream_url: str, s3_endpoint: str, work: Path, runs: int) -> None:
     repo = RepoRef(HOST, "bench")
-    bucket = S3Cache(make_config(work, upstream_url, s3_endpoint).cache.s3, Metrics())
+    bucket = Bucket(make_config(work, upstream_url, s3_endpoint).cache.s3, Metrics())
 
     def store(state: Path) -> MirrorStore:
         config = make_config(state, upstream_url, s3_endpoint)
         archives = MirrorArchives(bucket, state / "tmp")
         return MirrorStore(config, TaskSet(), Metrics(), archives=archives)
 
-    await bucket.start()
+    await bucket.open()
     try:
         first = store(work / "first")
         await first.ensure(repo)  # no archive yet: a clone

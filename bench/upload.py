@@ -24,6 +24,7 @@ from pathlib import Path
 import boto3
 
 from bench.harness import BUCKET, local_bucket
+from gitcache.bucket.client import Bucket
 from gitcache.cache.base import Entry
 from gitcache.cache.s3 import S3Cache
 from gitcache.config import S3CacheConfig
@@ -78,20 +79,18 @@ def _child(endpoint: str, bucket: str, path: Path, part_size: int, concurrency: 
         entry = Entry("bench", "HEAD", "c" * 40, "d", size, data_sha, 0.0, 0.0)
 
         async def upload() -> float:
-            cache = S3Cache(
-                S3CacheConfig(
-                    bucket=bucket,
-                    endpoint_url=endpoint,
-                    part_size=part_size,
-                    upload_concurrency=concurrency,
-                ),
-                Metrics(),
+            config = S3CacheConfig(
+                bucket=bucket,
+                endpoint_url=endpoint,
+                part_size=part_size,
+                upload_concurrency=concurrency,
             )
-            await cache.start()
+            s3 = Bucket(config, Metrics())
+            await s3.open()
             started = time.perf_counter()
-            await cache.commit(RepoRef("bench.test", "repo"), path, entry)
+            await S3Cache(s3).commit(RepoRef("bench.test", "repo"), path, entry)
             elapsed = time.perf_counter() - started
-            await cache.close()
+            await s3.close()
             return elapsed
 
         with PeakRSS() as rss:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gitcache import keys
 from gitcache.auth import Passthrough, Tokens
+from gitcache.bucket.client import Bucket
+from gitcache.bucket.leases import Leases
 from gitcache.cache.base import Cache
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
@@ -38,6 +41,7 @@ from gitcache.web.snapshot import snapshot
 # [\s\S]: a newline in the path must reach the validator (and get its 400), not fall
 # through to a 404 for want of a route.
 SNAPSHOT_ROUTE = r"/git/{host}/{repo:[\s\S]+}/snapshot.tar.zst"
+SCRUB_LEASE = 86400.0  # a scrub claim when no interval is set (a pass run by hand)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -52,13 +56,124 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready"}, status=503)
 
 
-def _shared_bucket(cache: Cache) -> S3Cache | None:
-    """The S3 tier, when there is one: replicas coordinate through it."""
-    if isinstance(cache, S3Cache):
-        return cache
-    if isinstance(cache, TieredCache):
-        return cache.s3
-    return None
+async def _task_set(app: web.Application) -> AsyncIterator[None]:
+    app[keys.TASKS] = TaskSet()
+    yield
+    # Generations and mirror updates belong to the app: abort them cleanly (their cleanup
+    # removes spools and temp dirs and kills their git children).
+    await app[keys.TASKS].close()
+
+
+async def _bucket(app: web.Application) -> AsyncIterator[None]:
+    """The shared bucket, with an S3 tier: the snapshot tier, mirror archives and leases
+    all use it."""
+    config = app[keys.CONFIG]
+    bucket = None
+    if config.cache.backend in ("s3", "tiered"):
+        bucket = Bucket(config.cache.s3, app[keys.METRICS], config.server.state_dir / "uploads")
+        await bucket.open()
+    app[keys.BUCKET] = bucket
+    app[keys.LEASES] = Leases(bucket) if bucket is not None else None
+    yield
+    if bucket is not None:
+        await bucket.close()
+
+
+async def _cache(app: web.Application) -> AsyncIterator[None]:
+    config, bucket = app[keys.CONFIG], app[keys.BUCKET]
+    disk = None
+    if config.cache.backend in ("disk", "tiered"):
+        disk_config = config.cache.disk
+        disk = DiskCache(config.server.state_dir / "cache", disk_config.max_size, app[keys.METRICS])
+    cache: Cache
+    if bucket is None:
+        assert disk is not None
+        cache = disk
+    elif disk is None:
+        cache = S3Cache(bucket)
+    else:
+        spool = config.server.state_dir / "spool"
+        cache = TieredCache(disk, S3Cache(bucket), app[keys.TASKS], spool)
+    await cache.start()
+    app[keys.CACHE] = cache
+    yield
+    await cache.close()
+
+
+async def _snapshots(app: web.Application) -> AsyncIterator[None]:
+    config, clock, state = app[keys.CONFIG], app[keys.CLOCK], app[keys.CONFIG].server.state_dir
+    archives, bucket = None, app[keys.BUCKET]
+    if bucket is not None and config.mirrors.archive_interval:
+        archives = MirrorArchives(bucket, state / "tmp", clock)
+    mirrors = MirrorStore(config, app[keys.TASKS], app[keys.METRICS], clock, archives=archives)
+    service = SnapshotService(
+        config, mirrors, app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
+    )
+    # What a gitcache killed outright left: its git processes first (they may still write),
+    # then their lock files; clean_leftovers then empties spool/ and tmp/.
+    await asyncio.to_thread(reap_orphans, state)
+    await asyncio.to_thread(clear_mirror_locks, mirrors.root)
+    service.clean_leftovers()
+    app[keys.MIRRORS], app[keys.SNAPSHOTS] = mirrors, service
+    yield
+
+
+async def _scrubber(app: web.Application) -> AsyncIterator[None]:
+    config, clock, leases = app[keys.CONFIG], app[keys.CLOCK], app[keys.LEASES]
+    interval = config.cache.scrub_interval
+
+    async def claim(repo: RepoRef) -> bool:
+        assert leases is not None
+        return await leases.claim("scrub", repo, interval or SCRUB_LEASE, clock())
+
+    scrub = Scrubber(
+        app[keys.CACHE],
+        app[keys.METRICS],
+        app[keys.TASKS],
+        rate=config.cache.scrub_rate,
+        claim=claim if leases is not None else None,
+    )
+    app[keys.SCRUBBER] = scrub
+    async with _in_background(app, scrub.run(interval) if interval else None, "scrub-loop"):
+        yield
+
+
+async def _refresher(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    upkeep = Upkeep(config, app[keys.MIRRORS], app[keys.METRICS])
+    refresh = Refresher(
+        config,
+        app[keys.MIRRORS],
+        app[keys.SNAPSHOTS],
+        upkeep,
+        app[keys.TASKS],
+        app[keys.METRICS],
+        app[keys.CLOCK],
+        leases=app[keys.LEASES],
+    )
+    refresh.load()
+    app[keys.REFRESHER] = refresh
+    async with _in_background(app, refresh.run(), "refresh-loop"):
+        yield
+    refresh.save()
+
+
+@contextlib.asynccontextmanager
+async def _in_background(
+    app: web.Application, loop: Coroutine[Any, Any, None] | None, name: str
+) -> AsyncIterator[None]:
+    """Run ``loop`` while the app runs (unless the app was made without background
+    loops: tests drive them by hand), cancel it when the app closes."""
+    if loop is not None and not app[keys.BACKGROUND]:
+        loop.close()
+        loop = None
+    task = asyncio.create_task(loop, name=name) if loop is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def create_app(
@@ -66,7 +181,7 @@ def create_app(
 ) -> web.Application:
     """Build the application. Nothing starts until it runs: resources are opened by the
     cleanup contexts, in order, and closed in reverse. ``background=False`` leaves the
-    refresh loop off (tests drive it by hand with an injected ``clock``)."""
+    refresh and scrub loops off (tests drive them by hand with an injected ``clock``)."""
     app = web.Application(middlewares=[observe_middleware, error_middleware])
     app[keys.CONFIG] = config
     app[keys.METRICS] = Metrics()
@@ -74,100 +189,17 @@ def create_app(
     app[keys.TOKENS] = Tokens.load(Path(tokens_file)) if tokens_file else None
     app[keys.PASSTHROUGH] = Passthrough(config, clock)
     app[keys.CLOCK] = clock
+    app[keys.BACKGROUND] = background
     app[keys.RUNNING] = set()
     health = app[keys.HEALTH] = Health()
-    state = config.server.state_dir
-
-    async def task_set(app: web.Application) -> AsyncIterator[None]:
-        app[keys.TASKS] = TaskSet()
-        yield
-        # Generations and mirror updates belong to the app: abort them cleanly (their
-        # cleanup removes spools and temp dirs and kills their git children).
-        await app[keys.TASKS].close()
-
-    async def disk_cache(app: web.Application) -> AsyncIterator[None]:
-        metrics = app[keys.METRICS]
-        cache: Cache
-        if config.cache.backend == "s3":
-            cache = S3Cache(config.cache.s3, metrics, state / "uploads")
-        else:
-            cache = DiskCache(state / "cache", config.cache.disk.max_size, metrics)
-            if config.cache.backend == "tiered":
-                s3 = S3Cache(config.cache.s3, metrics, state / "uploads")
-                cache = TieredCache(cache, s3, app[keys.TASKS], state / "spool")
-        await cache.start()
-        app[keys.CACHE] = cache
-        yield
-        await cache.close()
-
-    async def snapshots(app: web.Application) -> AsyncIterator[None]:
-        bucket = _shared_bucket(app[keys.CACHE])
-        archives = None
-        if bucket is not None and config.mirrors.archive_interval:
-            archives = MirrorArchives(bucket, state / "tmp", clock)
-        app[keys.MIRRORS] = MirrorStore(
-            config, app[keys.TASKS], app[keys.METRICS], clock, archives=archives
-        )
-        service = SnapshotService(
-            config, app[keys.MIRRORS], app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
-        )
-        # What a gitcache killed outright left: its git processes first (they may still
-        # write), then their lock files; clean_leftovers then empties spool/ and tmp/.
-        await asyncio.to_thread(reap_orphans, state)
-        await asyncio.to_thread(clear_mirror_locks, app[keys.MIRRORS].root)
-        service.clean_leftovers()
-        app[keys.SNAPSHOTS] = service
-        yield
-
-    async def scrubber(app: web.Application) -> AsyncIterator[None]:
-        bucket = _shared_bucket(app[keys.CACHE])
-        owner = uuid.uuid4().hex
-        interval = config.cache.scrub_interval
-
-        async def claim(repo: RepoRef) -> bool:
-            assert bucket is not None
-            return await bucket.claim(repo, owner, interval or 86400.0, clock(), "scrub")
-
-        scrub = Scrubber(
-            app[keys.CACHE],
-            app[keys.METRICS],
-            app[keys.TASKS],
-            rate=config.cache.scrub_rate,
-            claim=claim if bucket is not None else None,
-        )
-        app[keys.SCRUBBER] = scrub
-        loop = None
-        if background and interval:
-            loop = asyncio.create_task(scrub.run(interval), name="scrub-loop")
-        yield
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-
-    async def refresher(app: web.Application) -> AsyncIterator[None]:
-        upkeep = Upkeep(config, app[keys.MIRRORS], app[keys.METRICS])
-        refresh = Refresher(
-            config,
-            app[keys.MIRRORS],
-            app[keys.SNAPSHOTS],
-            upkeep,
-            app[keys.TASKS],
-            app[keys.METRICS],
-            clock,
-            leases=_shared_bucket(app[keys.CACHE]),
-        )
-        refresh.load()
-        app[keys.REFRESHER] = refresh
-        loop = asyncio.create_task(refresh.run(), name="refresh-loop") if background else None
-        yield
-        if loop is not None:
-            loop.cancel()
-            await asyncio.gather(loop, return_exceptions=True)
-        refresh.save()
-
-    app.cleanup_ctx.extend([task_set, disk_cache, snapshots, scrubber, refresher])
+    app.cleanup_ctx.extend([_task_set, _bucket, _cache, _snapshots, _scrubber, _refresher])
     app.on_startup.append(health.startup_done)  # after every cleanup context has started
     app.on_shutdown.append(health.shutting_down)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # prometheus-client's own handler: OpenMetrics when asked for, gzip when accepted.
@@ -178,4 +210,3 @@ def create_app(
         app[keys.METRICS].requests.labels(snapshots_route.canonical, "GET", status)
     app.router.add_post("/hooks/{kind}", hook)
     admin.add_routes(app)
-    return app

@@ -9,6 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from gitcache.auth import Passthrough, Tokens
+from gitcache.bucket.client import Bucket
+from gitcache.bucket.leases import Leases
 from gitcache.cache.base import Cache
 from gitcache.cache.scrub import Scrubber
 from gitcache.config import Config
@@ -27,6 +29,9 @@ METRICS = web.AppKey("metrics", Metrics)
 TASKS = web.AppKey("tasks", TaskSet)
 MIRRORS = web.AppKey("mirrors", MirrorStore)
 CACHE: web.AppKey[Cache] = web.AppKey("cache")
+BUCKET: web.AppKey[Bucket | None] = web.AppKey("bucket")
+LEASES: web.AppKey[Leases | None] = web.AppKey("leases")
+BACKGROUND = web.AppKey("background", bool)  # whether periodic loops run by themselves
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
 REFRESHER = web.AppKey("refresher", Refresher)
 SCRUBBER = web.AppKey("scrubber", Scrubber)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from gitcache.cache.s3 import S3Cache
+from gitcache.bucket.leases import Leases
 from gitcache.config import Config
 from gitcache.errors import GitcacheError
 from gitcache.metrics import Metrics
@@ -68,12 +68,11 @@ class Refresher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        leases: S3Cache | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
         self._leases = leases
-        self._owner = uuid.uuid4().hex  # this replica, in lease objects
         self._cfg = config.refresh
         self._mirrors = mirrors
         self._snapshots = snapshots
@@ -236,7 +235,7 @@ class Refresher:
                 # Replicas sharing a bucket: one of them makes and uploads the snapshots.
                 lease_ttl = self._cfg.interval
                 claimed = self._leases is None or await self._leases.claim(
-                    repo, self._owner, lease_ttl, self._clock()
+                    "refresh", repo, lease_ttl, self._clock()
                 )
                 for ref in list(state.refs) if claimed else []:
                     try:
@@ -280,7 +279,7 @@ class Refresher:
     async def _archive(self, repo: RepoRef) -> None:
         assert self._leases is not None
         interval = self._config.mirrors.archive_interval
-        if not await self._leases.claim(repo, self._owner, interval, self._clock(), "archive"):
+        if not await self._leases.claim("archive", repo, interval, self._clock()):
             return
         async with self._slots:
             try:

@@ -20,12 +20,13 @@ import pytest
 import zstandard
 
 from gitcache import keys
-from gitcache.cache import s3 as s3_module
+from gitcache.bucket import client as bucket_module
+from gitcache.bucket.client import Bucket
+from gitcache.bucket.journal import UploadJournal
 from gitcache.cache.base import Cache, Entry
 from gitcache.cache.disk import DiskCache
 from gitcache.cache.s3 import S3Cache
 from gitcache.cache.tiered import TieredCache
-from gitcache.cache.upload import UploadJournal
 from gitcache.config import S3CacheConfig
 from gitcache.errors import EntryGone, GenerationFailed
 from gitcache.metrics import Metrics
@@ -42,6 +43,20 @@ def s3_config(endpoint: str, bucket: str, **kwargs: Any) -> S3CacheConfig:
     return S3CacheConfig(bucket=bucket, endpoint_url=endpoint, prefix="snapshots/", **kwargs)
 
 
+async def s3_tier(
+    endpoint: str, name: str, metrics: Metrics | None = None, journal: Path | None = None
+) -> S3Cache:
+    """The S3 tier on an open bucket (closed with ``close_s3``), parts of 5 MiB."""
+    config = s3_config(endpoint, name, part_size=5 * 1024**2)
+    bucket = Bucket(config, metrics or Metrics(), journal)
+    await bucket.open()
+    return S3Cache(bucket)
+
+
+async def close_s3(cache: S3Cache) -> None:
+    await cache.bucket.close()
+
+
 @pytest.fixture(params=["disk", "s3", "tiered"])
 async def tier(
     request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, s3_bucket: str
@@ -49,7 +64,7 @@ async def tier(
     cache: Cache
     tasks = TaskSet()
     disk = DiskCache(tmp_path / "cache", 1024**3, Metrics())
-    s3 = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
+    s3 = await s3_tier(s3_endpoint, s3_bucket)
     cache = {"disk": disk, "s3": s3, "tiered": TieredCache(disk, s3, tasks, tmp_path / "fill")}[
         request.param
     ]
@@ -57,6 +72,7 @@ async def tier(
     yield cache
     await tasks.close()
     await cache.close()
+    await close_s3(s3)
 
 
 def spool(tmp_path: Path, name: str, size: int) -> tuple[Path, str]:
@@ -137,9 +153,7 @@ async def test_manifest_race_between_two_writers_loses_nothing(
     s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
     metrics = Metrics()
-    writers = [S3Cache(s3_config(s3_endpoint, s3_bucket), metrics) for _ in range(2)]
-    for writer in writers:
-        await writer.start()
+    writers = [await s3_tier(s3_endpoint, s3_bucket, metrics) for _ in range(2)]
     jobs = []
     for i in range(12):
         path, digest = spool(tmp_path, f"r{i}", 1024)
@@ -148,14 +162,13 @@ async def test_manifest_race_between_two_writers_loses_nothing(
     keys = {e.key for e in await writers[0].entries(REPO)}
     assert keys == {f"k{i}" for i in range(12)}
     for writer in writers:
-        await writer.close()
+        await close_s3(writer)
 
 
 async def test_failed_upload_leaves_nothing_visible(
     s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    cache = S3Cache(s3_config(s3_endpoint, s3_bucket, part_size=5 * 1024**2), Metrics())
-    await cache.start()
+    cache = await s3_tier(s3_endpoint, s3_bucket)
     path, _ = spool(tmp_path, "bad", 12 * 1024 * 1024)
     wrong = entry("bad", "HEAD", 12 * 1024 * 1024, "0" * 64, 1.0)  # sha256 does not match
     with pytest.raises(GenerationFailed):
@@ -163,7 +176,7 @@ async def test_failed_upload_leaves_nothing_visible(
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
-    await cache.close()
+    await close_s3(cache)
 
 
 @pytest.mark.parametrize("outcome", ["verified", "failed"])
@@ -257,10 +270,9 @@ async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
     crashed = s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/crashed.tar.zst")
     journal.record("snapshots/crashed.tar.zst", crashed["UploadId"])  # left by a crash here
     other = s3.create_multipart_upload(Bucket=s3_bucket, Key="snapshots/other.tar.zst")
-    cache = S3Cache(s3_config(s3_endpoint, s3_bucket), Metrics(), tmp_path / "uploads")
-    await cache.start()
-    assert cache.housekeeping is not None
-    await cache.housekeeping
+    cache = await s3_tier(s3_endpoint, s3_bucket, journal=tmp_path / "uploads")
+    assert cache.bucket.housekeeping is not None
+    await cache.bucket.housekeeping
     assert upload_ids() == {other["UploadId"]}  # another replica's, in flight: left alone
     assert journal.leftovers() == []
 
@@ -278,7 +290,7 @@ async def test_stale_uploads_aborted_at_start_and_manifest_rebuilt_from_listing(
     later = entry("later", "HEAD", 4096, digest, 6.0)
     await cache.commit(REPO, path, later)  # writes over the unreadable manifest's ETag
     assert {x.key for x in await cache.entries(REPO)} == {"kept", "later"}
-    await cache.close()
+    await close_s3(cache)
 
 
 async def test_tiered_upload_and_fill_across_replicas(
@@ -389,7 +401,7 @@ async def test_s3_down_then_back(
     make_client: Any, rich: str, flaky_s3: FlakyS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Not skipped after it failed (another test covers that): back means back at once.
-    monkeypatch.setattr(s3_module, "SKIP_AFTER_FAILURE", 0.0)
+    monkeypatch.setattr(bucket_module, "SKIP_AFTER_FAILURE", 0.0)
     client = await make_client(cache=flaky_s3.cache)
     await (await client.get(snapshot_url(rich))).read()
     await settled(client)

@@ -17,8 +17,7 @@ import pytest
 import zstandard
 
 from gitcache import keys
-from gitcache.cache.base import Entry
-from gitcache.mirror.archive import write_archive
+from gitcache.mirror.archive import ArchiveRecord, write_archive
 from tests.helpers import Clock, extract, settled, snapshot_url
 from tests.processes import metric, start_gitcache
 from tests.upstream import Upstream, agit, commit_all, git
@@ -144,10 +143,11 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     await first.app[keys.REFRESHER].run_due()
     archives = first.app[keys.MIRRORS].archives
     assert archives is not None
-    name = archives.name(first.app[keys.MIRRORS].known()[0].repo)
-
+    repo = first.app[keys.MIRRORS].known()[0].repo
+    bucket = first.app[keys.BUCKET]
+    assert bucket is not None
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    raw = s3.get_object(Bucket=s3_bucket, Key=name)["Body"].read()
+    raw = s3.get_object(Bucket=s3_bucket, Key=bucket.key(archives.name(repo)))["Body"].read()
     unpacked = tmp_path / "unpacked"
     with (
         zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as zstd,
@@ -157,9 +157,8 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     for pack in (unpacked / "objects" / "pack").glob("*.pack"):
         pack.write_bytes(pack.read_bytes()[:100])  # a truncated pack
     size, sha256 = write_archive(unpacked, tmp_path / "broken.tar.zst")
-    bucket = first.app[keys.CACHE]
-    broken = Entry("x", "mirror", "", "d" * 64, size, sha256, 0.0, 0.0)
-    await bucket.upload_file(name, tmp_path / "broken.tar.zst", broken)  # type: ignore[attr-defined]
+    broken = ArchiveRecord("d" * 64, size, sha256, 0.0)
+    await archives.upload(repo, tmp_path / "broken.tar.zst", broken)
 
     new = await push_change(upstream, rich, tmp_path / "work", "after-break")
     second = await replica("b")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from gitcache.bucket.upload import Tail
 from gitcache.repo import RepoRef
 
 
@@ -57,19 +58,6 @@ class Reader(Protocol):
     def chunks(self, offset: int, length: int) -> AsyncGenerator[bytes, None]: ...
 
     async def close(self) -> None: ...
-
-
-class Tail(Protocol):
-    """A spool file as it is written, up to its verified end."""
-
-    async def extent(self, want: int) -> int:
-        """Until the file holds ``want`` bytes or has ended: how many it holds, fewer
-        than ``want`` only at its end. Raises if the spool will never be complete."""
-
-    def fileno(self) -> int:
-        """A descriptor to read the bytes written so far from (with ``os.pread``)."""
-
-    async def aclose(self) -> None: ...
 
 
 class Upload(Protocol):

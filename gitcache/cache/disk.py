@@ -17,7 +17,8 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gitcache.cache.base import Cache, Entry, Tail, Upload
+from gitcache.bucket.upload import Tail
+from gitcache.cache.base import Cache, Entry, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef

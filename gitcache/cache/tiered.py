@@ -19,11 +19,12 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
-from gitcache.cache.base import Cache, Entry, Reader, Tail, Upload
-from gitcache.cache.checked import CheckedFile
+from gitcache.bucket.checked import CheckedFile
+from gitcache.bucket.client import S3Error
+from gitcache.bucket.upload import FileTail, Tail
+from gitcache.cache.base import Cache, Entry, Reader, Upload
 from gitcache.cache.disk import DiskCache
-from gitcache.cache.s3 import S3Cache, S3Error
-from gitcache.cache.upload import FileTail
+from gitcache.cache.s3 import S3Cache
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet, run_blocking
 

@@ -14,27 +14,58 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import tarfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import zstandard
 
-from gitcache.cache.base import Entry
-from gitcache.cache.s3 import S3Cache
+from gitcache.bucket.checked import CheckedFile
+from gitcache.bucket.client import Bucket
+from gitcache.bucket.upload import FileTail, MultipartUpload
+from gitcache.errors import GenerationFailed
+from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.pin import pin_objects
 from gitcache.repo import RepoRef
+from gitcache.tasks import run_blocking
 
-if TYPE_CHECKING:
-    from gitcache.mirror.store import Mirror
-
-ARCHIVE_REF = "mirror"  # the ``ref`` of an archive's entry
 ZSTD_LEVEL = 3  # packs are compressed already: the archive is about speed, not ratio
+RECORD_SUFFIX = ".entry.json"
 _SMALL_FILES = ("HEAD", "config", "packed-refs", "info/attributes")
+
+
+@dataclass(frozen=True)
+class ArchiveRecord:
+    """What the bucket says of a mirror archive, beside it: the refs it holds, its size
+    and sha256 (checked before it is unpacked), and when it was made."""
+
+    refs_digest: str
+    size: int
+    sha256: str
+    created: float
+
+    def dumps(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> ArchiveRecord:
+        """Raises ValueError if ``data`` is not a record."""
+        try:
+            raw: dict[str, Any] = json.loads(data)
+            return cls(
+                refs_digest=str(raw["refs_digest"]),
+                size=int(raw["size"]),
+                sha256=str(raw["sha256"]),
+                created=float(raw["created"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not an archive record: {exc}") from exc
 
 
 def pin_mirror(git_dir: Path, work: Path) -> None:
@@ -78,16 +109,25 @@ def extract_archive(archive: Path, dest: Path) -> None:
 
 
 class MirrorArchives:
-    def __init__(self, bucket: S3Cache, tmp: Path, clock: Callable[[], float] = time.time):
+    def __init__(self, bucket: Bucket, tmp: Path, clock: Callable[[], float] = time.time):
         self._bucket = bucket
         self._tmp = tmp
         self._clock = clock
 
-    def name(self, repo: RepoRef) -> str:
-        return self._bucket.shared_name("mirrors", repo.host, f"{repo.slug}.tar.zst")
+    @staticmethod
+    def name(repo: RepoRef) -> str:
+        return f"mirrors/{repo.host}/{repo.slug}.tar.zst"
 
-    async def newest(self, repo: RepoRef) -> Entry | None:
-        return await self._bucket.read_entry(self.name(repo))
+    async def newest(self, repo: RepoRef) -> ArchiveRecord | None:
+        """The record of the bucket's archive of ``repo``; None if there is none (or it
+        cannot be read: then a new one is made)."""
+        found = await self._bucket.read(self.name(repo) + RECORD_SUFFIX, "get_entry")
+        if found is None:
+            return None
+        try:
+            return ArchiveRecord.loads(found[0])
+        except ValueError:
+            return None
 
     async def save(self, mirror: Mirror) -> bool:
         """Archive ``mirror`` unless the bucket's archive holds its refs already; whether
@@ -103,21 +143,43 @@ class MirrorArchives:
                 await asyncio.to_thread(pin_mirror, mirror.path, work / "mirror")
             path = work / "mirror.tar.zst"
             size, sha256 = await asyncio.to_thread(write_archive, work / "mirror", path)
-            now = self._clock()
-            entry = Entry(repo.slug, ARCHIVE_REF, "", refs_digest, size, sha256, now, now)
-            await self._bucket.upload_file(self.name(repo), path, entry)
+            record = ArchiveRecord(refs_digest, size, sha256, self._clock())
+            await self.upload(repo, path, record)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         return True
 
-    async def restore(self, repo: RepoRef, entry: Entry, dest: Path) -> None:
-        """Unpack the archive of ``repo`` that ``entry`` describes into the new directory
-        ``dest``; raises if it cannot be read or does not match ``entry``."""
+    async def upload(self, repo: RepoRef, path: Path, record: ArchiveRecord) -> None:
+        """The archive, then its record beside it: a reader that finds the record finds
+        the whole archive."""
+        name = self.name(repo)
+
+        async def publish(done: ArchiveRecord) -> None:
+            await self._bucket.write(name + RECORD_SUFFIX, done.dumps(), "put_entry")
+
+        await MultipartUpload(self._bucket, name, FileTail(path), publish).complete(record)
+
+    async def restore(self, repo: RepoRef, record: ArchiveRecord, dest: Path) -> None:
+        """Unpack the archive of ``repo`` that ``record`` describes into the new directory
+        ``dest``; raises if it cannot be read or does not match ``record``."""
         work = self._tmp / f"restore-{uuid.uuid4().hex}"
         try:
             await asyncio.to_thread(work.mkdir, parents=True)
             archive = work / "mirror.tar.zst"
-            await self._bucket.download(self.name(repo), entry, archive)
+            await self._download(self.name(repo), record, archive)
             await asyncio.to_thread(extract_archive, archive, dest)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _download(self, name: str, record: ArchiveRecord, dest: Path) -> None:
+        out = CheckedFile(dest)
+        try:
+            async for chunk in self._bucket.stream(name, 0, record.size):
+                await out.write(chunk)
+            await out.close()
+            if not out.matches(record):
+                raise GenerationFailed(f"{name} does not match its record")
+        except BaseException:
+            await out.close()
+            await run_blocking(dest.unlink, missing_ok=True)
+            raise

@@ -15,7 +15,6 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from gitcache.config import Config
@@ -31,7 +30,7 @@ from gitcache.metrics import Metrics
 from gitcache.mirror.addresses import upstream_env
 from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.credentials import ConfigEntries, credential_config, credential_secrets
-from gitcache.mirror.lock import RWLock
+from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import RefState, read_ref_state
 from gitcache.mirror.runner import run_git
 from gitcache.repo import RepoRef
@@ -74,21 +73,6 @@ _CORRUPT_HINTS = (
     "inflate",
     "did not send all necessary objects",
 )
-
-
-@dataclass
-class Mirror:
-    repo: RepoRef
-    path: Path
-    url: str
-    # For git calls that reach the upstream (see upstream_env): the credential helper's
-    # config, its secrets, and whether the upstream may resolve to private addresses.
-    config: ConfigEntries
-    secrets: dict[str, str] = field(repr=False)
-    allow_private: bool
-    lock: RWLock = field(default_factory=RWLock)
-    refs: RefState | None = None
-    fetched_at: float = 0.0
 
 
 def upstream_failure(repo: RepoRef, exc: GitError) -> Exception:

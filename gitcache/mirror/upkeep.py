@@ -15,8 +15,9 @@ from gitcache.config import Config
 from gitcache.errors import GitError
 from gitcache.metrics import Metrics
 from gitcache.mirror.leftovers import remove_stale_locks
+from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.runner import run_git
-from gitcache.mirror.store import Mirror, MirrorStore
+from gitcache.mirror.store import MirrorStore
 
 log = logging.getLogger(__name__)
 

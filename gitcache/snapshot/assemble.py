@@ -22,10 +22,10 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from gitcache.errors import GitError
+from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.pin import pin_objects
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import git_env, run_git
-from gitcache.mirror.store import Mirror
 from gitcache.snapshot import gitdir
 from gitcache.snapshot.tarstream import (
     BLOCK,

@@ -33,9 +33,10 @@ from gitcache.errors import (
     UpstreamError,
 )
 from gitcache.metrics import Metrics
+from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
-from gitcache.mirror.store import Mirror, MirrorStore
+from gitcache.mirror.store import MirrorStore
 from gitcache.repo import RefSpec, RepoRef
 from gitcache.snapshot.assemble import build_tar
 from gitcache.snapshot.generation import (

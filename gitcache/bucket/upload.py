@@ -1,13 +1,13 @@
-"""A multipart upload to S3 fed from a spool file while it is written.
+"""A multipart upload fed from a file while it is written (a generation's spool), or from
+a whole file.
 
-Parts are not copied into memory: each part's body is a window onto the spool file that
-the HTTP client reads 64 KiB at a time as it sends (and botocore reads once more to sign),
-so what an upload holds is a few small buffers per part in flight, whatever
-``part_size`` is. ``upload_concurrency`` parts are in flight at most; a slow S3 leaves the
-rest of the snapshot in the spool file, not in memory. Each part is hashed as it is cut;
-the upload is completed only when the generation hands over its verified entry and size
-and sha256 match it. Any failure or an abort cancels it with ``AbortMultipartUpload``:
-nothing half-written is ever visible.
+Parts are not copied into memory: each part's body is a window onto the file that the
+HTTP client reads 64 KiB at a time as it sends (and botocore reads once more to sign), so
+what an upload holds is a few small buffers per part in flight, whatever ``part_size``
+is. ``upload_concurrency`` parts are in flight at most; a slow S3 leaves the rest in the
+file, not in memory. Each part is hashed as it is cut; the upload is completed only when
+the writer hands over the verified record and size and sha256 match it. Any failure or
+an abort cancels it with ``AbortMultipartUpload``: nothing half-written is ever visible.
 """
 
 from __future__ import annotations
@@ -16,26 +16,49 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import json
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gitcache.cache.base import Entry, Tail
+from gitcache.bucket.client import Bucket
 from gitcache.errors import GenerationFailed
 from gitcache.tasks import run_blocking
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-    from gitcache.cache.s3 import S3Cache
-
 HASH_CHUNK = 1024 * 1024
+
+
+class Tail(Protocol):
+    """A file as it is written, up to its verified end."""
+
+    async def extent(self, want: int) -> int:
+        """Until the file holds ``want`` bytes or has ended: how many it holds, fewer
+        than ``want`` only at its end. Raises if the file will never be complete."""
+
+    def fileno(self) -> int:
+        """A descriptor to read the bytes written so far from (with ``os.pread``)."""
+
+    async def aclose(self) -> None: ...
+
+
+class Described(Protocol):
+    """What an uploaded object must be: the record published beside it says so."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+R = TypeVar("R", bound=Described)
 
 
 class FileRange(io.RawIOBase):
@@ -92,8 +115,8 @@ class FileRange(io.RawIOBase):
 
 
 class FileTail:
-    """A whole, already verified file as a :class:`Tail`. It is opened at once, so a spool
-    renamed or an entry evicted meanwhile is still read whole."""
+    """A whole, already verified file as a :class:`Tail`. It is opened at once, so a file
+    renamed or removed meanwhile is still read whole."""
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY)
@@ -111,34 +134,6 @@ class FileTail:
             self._fd = -1
 
 
-class UploadJournal:
-    """This process's multipart uploads in flight, one small file each in ``directory``:
-    what a crash leaves there is what the next start aborts. Other replicas' uploads in
-    flight in the same bucket are never in it, so they are never aborted by this one."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-
-    def _path(self, upload_id: str) -> Path:
-        return self._dir / f"{hashlib.sha256(upload_id.encode()).hexdigest()[:32]}.json"
-
-    def record(self, name: str, upload_id: str) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._path(upload_id).write_text(json.dumps({"key": name, "upload_id": upload_id}))
-
-    def done(self, upload_id: str) -> None:
-        self._path(upload_id).unlink(missing_ok=True)
-
-    def leftovers(self) -> list[tuple[str, str]]:
-        """(object name, upload id) of every upload recorded and never done."""
-        found = []
-        for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                data = json.loads(path.read_text())
-                found.append((str(data["key"]), str(data["upload_id"])))
-        return found
-
-
 def hash_range(digest: Any, fd: int, start: int, length: int) -> None:
     end = start + length
     while start < end:
@@ -149,41 +144,47 @@ def hash_range(digest: Any, fd: int, start: int, length: int) -> None:
         start += len(chunk)
 
 
-class S3Upload:
-    """One object's multipart upload, from a tail of its spool (see the module)."""
+class MultipartUpload(Generic[R]):
+    """One object's multipart upload, from a tail of its file (see the module). Once it
+    is complete, ``publish`` makes it known (an entry beside it, a manifest)."""
 
     def __init__(
         self,
-        cache: S3Cache,
+        bucket: Bucket,
         name: str,
         tail: Tail,
-        publish: Callable[[Entry], Awaitable[None]],
+        publish: Callable[[R], Awaitable[None]],
+        content_type: str = "application/zstd",
     ) -> None:
-        """Upload ``tail`` as the object ``name``; once complete, ``publish`` its entry."""
-        self._cache = cache
-        self._client = cache.client
-        self._config = cache.config
+        self._bucket = bucket
+        self._client = bucket.client
+        self._config = bucket.config
         self._name = name
+        self._content_type = content_type
         self._publish = publish
-        self._entry: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._record: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._handed = False
         self._handed_at = 0.0
         self._task = asyncio.ensure_future(self._run(tail))
 
-    def complete(self, entry: Entry) -> asyncio.Task[None]:
+    def complete(self, record: R) -> asyncio.Task[None]:
+        """Hand over the verified ``record`` (from now on :meth:`abort` is a no-op);
+        the task ends once the object is visible, and raises, leaving nothing visible,
+        if what was sent does not match."""
         if not self._handed:
             self._handed = True
             self._handed_at = time.monotonic()
-            self._entry.set_result(entry)
+            self._record.set_result(record)
         return self._task
 
     async def abort(self) -> None:
+        """Give the upload up, leaving nothing behind; a no-op once ``complete`` was called."""
         if not self._handed:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, tail: Tail) -> None:
-        metrics = self._cache.metrics
+        metrics = self._bucket.metrics
         try:
             await self._upload(tail)
         except asyncio.CancelledError:
@@ -195,58 +196,66 @@ class S3Upload:
         metrics.s3_uploads.labels("ok").inc()
 
     async def _upload(self, tail: Tail) -> None:
+        journal = self._bucket.journal
         try:
             upload_id = await self._create()
-            if self._cache.journal is not None:
-                await asyncio.to_thread(self._cache.journal.record, self._name, upload_id)
+            if journal is not None:
+                await asyncio.to_thread(journal.record, self._bucket.key(self._name), upload_id)
             try:
-                parts, size, sha256 = await self._send_parts(upload_id, tail)
-                entry = await self._entry
-                if size != entry.size or sha256 != entry.sha256:
-                    raise GenerationFailed(
-                        f"{self._name}: the upload does not match the verified snapshot"
-                    )
-                await self._client.complete_multipart_upload(
-                    Bucket=self._config.bucket,
-                    Key=self._name,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
+                record = await self._send_and_check(upload_id, tail)
             except BaseException as exc:
-                with contextlib.suppress(ClientError, BotoCoreError):
-                    await self._client.abort_multipart_upload(
-                        Bucket=self._config.bucket, Key=self._name, UploadId=upload_id
-                    )
-                    # Only once S3 took the abort: otherwise the next start tries again.
-                    await self._forget(upload_id)
+                await self._abort(upload_id)
                 if isinstance(exc, ClientError | BotoCoreError):
-                    raise self._cache.failed("upload", exc) from exc
+                    raise self._bucket.failed("upload", exc) from exc
                 raise
             await self._forget(upload_id)
         finally:
             await tail.aclose()
-        await self._publish(entry)
-        self._cache.metrics.s3_upload_bytes.inc(entry.size)
-        self._cache.metrics.s3_upload_lag.observe(time.monotonic() - self._handed_at)
+        await self._publish(record)
+        self._bucket.metrics.s3_upload_bytes.inc(record.size)
+        self._bucket.metrics.s3_upload_lag.observe(time.monotonic() - self._handed_at)
+
+    async def _send_and_check(self, upload_id: str, tail: Tail) -> R:
+        parts, size, sha256 = await self._send_parts(upload_id, tail)
+        record = await self._record
+        if size != record.size or sha256 != record.sha256:
+            raise GenerationFailed(f"{self._name}: the upload does not match what was written")
+        await self._client.complete_multipart_upload(
+            Bucket=self._config.bucket,
+            Key=self._bucket.key(self._name),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+        return record
+
+    async def _abort(self, upload_id: str) -> None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            await self._client.abort_multipart_upload(
+                Bucket=self._config.bucket, Key=self._bucket.key(self._name), UploadId=upload_id
+            )
+            # Only once S3 took the abort: otherwise the next start tries again.
+            await self._forget(upload_id)
 
     async def _forget(self, upload_id: str) -> None:
-        if self._cache.journal is not None:
-            await asyncio.to_thread(self._cache.journal.done, upload_id)
+        if self._bucket.journal is not None:
+            await asyncio.to_thread(self._bucket.journal.done, upload_id)
 
     async def _create(self) -> str:
-        self._cache.check_available()  # S3 just failed to answer: do not queue behind it
+        self._bucket.check_available()  # S3 just failed to answer: do not queue behind it
         try:
             created = await self._client.create_multipart_upload(
-                Bucket=self._config.bucket, Key=self._name, ContentType="application/zstd"
+                Bucket=self._config.bucket,
+                Key=self._bucket.key(self._name),
+                ContentType=self._content_type,
             )
         except (ClientError, BotoCoreError) as exc:
-            raise self._cache.failed("create_upload", exc) from exc
+            raise self._bucket.failed("create_upload", exc) from exc
         return str(created["UploadId"])
 
     async def _send_parts(
         self, upload_id: str, tail: Tail
     ) -> tuple[list[dict[str, Any]], int, str]:
-        """Cut the spool into parts as it grows and send them; the parts, the size and
+        """Cut the file into parts as it grows and send them; the parts, the size and
         the sha256 of everything sent."""
         part_size = self._config.part_size
         slots = asyncio.Semaphore(self._config.upload_concurrency)
@@ -258,7 +267,7 @@ class S3Upload:
             try:
                 result = await self._client.upload_part(
                     Bucket=self._config.bucket,
-                    Key=self._name,
+                    Key=self._bucket.key(self._name),
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=body,
@@ -274,7 +283,7 @@ class S3Upload:
                 await slots.acquire()
                 end = await tail.extent(offset + part_size)
                 if end == offset and tasks:
-                    slots.release()  # the spool ended on a part boundary
+                    slots.release()  # the file ended on a part boundary
                     break
                 await run_blocking(hash_range, digest, tail.fileno(), offset, end - offset)
                 body = FileRange(tail.fileno(), offset, end - offset)

@@ -1,13 +1,13 @@
-"""A new file written from a stream, counted and hashed on the way, so that whoever
-copies a cached snapshot (an S3 hit filling the disk tier, a mirror archive downloaded)
-keeps it only if it is exactly the bytes its entry describes."""
+"""A new file written from a stream, counted and hashed on the way, so that whoever copies
+an object out of the bucket (an S3 hit filling the disk tier, a mirror archive) keeps it
+only if it is exactly the bytes its record describes."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from gitcache.cache.base import Entry
+from gitcache.bucket.upload import Described
 from gitcache.tasks import run_blocking
 
 
@@ -29,5 +29,5 @@ class CheckedFile:
     async def close(self) -> None:
         await run_blocking(self._file.close)
 
-    def matches(self, entry: Entry) -> bool:
-        return self._size == entry.size and self._digest.hexdigest() == entry.sha256
+    def matches(self, record: Described) -> bool:
+        return self._size == record.size and self._digest.hexdigest() == record.sha256

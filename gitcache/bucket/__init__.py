@@ -1,0 +1,1 @@
+"""The S3 bucket replicas share: client, failures, conditional writes, multipart uploads, leases."""
