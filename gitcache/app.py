@@ -70,7 +70,7 @@ async def _bucket(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     bucket = None
     if config.cache.backend in ("s3", "tiered"):
-        bucket = Bucket(config.cache.s3, app[keys.METRICS], config.server.state_dir / "uploads")
+        bucket = Bucket(config.cache.s3, app[keys.METRICS], config.server.paths.uploads)
         await bucket.open()
     app[keys.BUCKET] = bucket
     app[keys.LEASES] = Leases(bucket) if bucket is not None else None
@@ -84,7 +84,7 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
     disk = None
     if config.cache.backend in ("disk", "tiered"):
         disk_config = config.cache.disk
-        disk = DiskCache(config.server.state_dir / "cache", disk_config.max_size, app[keys.METRICS])
+        disk = DiskCache(config.server.paths.cache, disk_config.max_size, app[keys.METRICS])
     cache: Cache
     if bucket is None:
         assert disk is not None
@@ -92,8 +92,7 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
     elif disk is None:
         cache = S3Cache(bucket)
     else:
-        spool = config.server.state_dir / "spool"
-        cache = TieredCache(disk, S3Cache(bucket), app[keys.TASKS], spool)
+        cache = TieredCache(disk, S3Cache(bucket), app[keys.TASKS], config.server.paths.spool)
     await cache.start()
     app[keys.CACHE] = cache
     yield
@@ -101,17 +100,18 @@ async def _cache(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _snapshots(app: web.Application) -> AsyncIterator[None]:
-    config, clock, state = app[keys.CONFIG], app[keys.CLOCK], app[keys.CONFIG].server.state_dir
+    config, clock = app[keys.CONFIG], app[keys.CLOCK]
+    paths = config.server.paths
     archives, bucket = None, app[keys.BUCKET]
     if bucket is not None and config.mirrors.archive_interval:
-        archives = MirrorArchives(bucket, state / "tmp", clock)
+        archives = MirrorArchives(bucket, paths.tmp, clock)
     mirrors = MirrorStore(config, app[keys.TASKS], app[keys.METRICS], clock, archives=archives)
     service = SnapshotService(
         config, mirrors, app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
     )
     # What a gitcache killed outright left: its git processes first (they may still write),
     # then their lock files; clean_leftovers then empties spool/ and tmp/.
-    await asyncio.to_thread(reap_orphans, state)
+    await asyncio.to_thread(reap_orphans, paths.root)
     await asyncio.to_thread(clear_mirror_locks, mirrors.root)
     service.clean_leftovers()
     app[keys.MIRRORS], app[keys.SNAPSHOTS] = mirrors, service

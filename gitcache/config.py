@@ -32,6 +32,7 @@ from gitcache.config_values import (
     read_secret,
     require_public,
 )
+from gitcache.paths import StatePaths
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "dump_config", "load_config"]
 
@@ -84,6 +85,10 @@ class ServerConfig:
     drain_delay: float = 0.0
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    @property
+    def paths(self) -> StatePaths:
+        return StatePaths(self.state_dir)
 
     @property
     def host(self) -> str:

@@ -19,11 +19,13 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from gitcache.snapshot.source import Source
+
 # ``*_created`` series double the exposition and no dashboard or alert uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 RESULTS = ("ok", "failed")  # the one vocabulary of every ``result`` label
-SOURCES = ("hit", "miss", "follower", "stale")
+SOURCES = tuple(Source)
 TIERS = ("disk", "s3", "tiered", "spool")
 MIRROR_OPERATIONS = ("clone", "restore", "fetch", "rebuild", "archive", "repack", "fsck")
 LIMITS = ("max_generations", "max_clients_per_generation", "max_connections")

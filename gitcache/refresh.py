@@ -40,7 +40,6 @@ from gitcache.tasks import Coalescer, TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "refresh.json"
 TICK = 1.0  # seconds between looks at what is due
 JITTER = 0.1
 
@@ -79,7 +78,7 @@ class Refresher:
         self._upkeep = upkeep
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
-        self._path = config.server.state_dir / STATE_FILE
+        self._path = config.server.paths.refresh_state
         self._tasks = tasks
         self._jobs: Coalescer[None] = Coalescer(tasks)
         self._pending: set[asyncio.Task[None]] = set()
@@ -107,7 +106,7 @@ class Refresher:
             try:
                 self.repos = parse_state(text, self._config)
             except ValueError as exc:
-                aside = self._path.with_name(f"{STATE_FILE}.bad-{int(self._clock())}")
+                aside = self._path.with_name(f"{self._path.name}.bad-{int(self._clock())}")
                 with contextlib.suppress(OSError):
                     self._path.rename(aside)
                 log.error(
@@ -136,7 +135,7 @@ class Refresher:
         text = json.dumps(data, indent=1, sort_keys=True)
         if text == self._saved:
             return
-        tmp = self._path.with_name(f".{STATE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(text, "utf-8")
         tmp.replace(self._path)
         self._saved = text

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from gitcache import keys
-from gitcache.refresh import STATE_FILE
 from gitcache.repo import RepoRef
 from tests.helpers import HOST, Clock, snapshot_url
 from tests.test_lifecycle import get, push
 from tests.upstream import Upstream, agit, git
 
 REPO = RepoRef(HOST, "group/rich")
+STATE_FILE = "refresh.json"
 
 
 @pytest.mark.parametrize(

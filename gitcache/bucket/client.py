@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gitcache.bucket.journal import UploadJournal
 from gitcache.config import S3CacheConfig
 from gitcache.errors import EntryGone, GitcacheError
+from gitcache.files import CHUNK
 from gitcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 CLIENT_CONFIG = AioConfig(
     connect_timeout=3, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"}
 )
-CHUNK = 1024 * 1024
 QUICK_TIMEOUT = 5.0  # a manifest, an entry or a lease is a few KiB: S3 slower than this is down
 SKIP_AFTER_FAILURE = 10.0
 CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}

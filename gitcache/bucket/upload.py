@@ -27,12 +27,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gitcache.bucket.client import Bucket
 from gitcache.errors import GenerationFailed
+from gitcache.files import Descriptor, hash_range
 from gitcache.tasks import run_blocking
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
-
-HASH_CHUNK = 1024 * 1024
 
 
 class Tail(Protocol):
@@ -114,34 +113,16 @@ class FileRange(io.RawIOBase):
         super().close()
 
 
-class FileTail:
+class FileTail(Descriptor):
     """A whole, already verified file as a :class:`Tail`. It is opened at once, so a file
     renamed or removed meanwhile is still read whole."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self._size = os.fstat(self._fd).st_size
+        super().__init__(Descriptor.open(path).fileno())
+        self._size = os.fstat(self.fileno()).st_size
 
     async def extent(self, want: int) -> int:
         return min(want, self._size)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def hash_range(digest: Any, fd: int, start: int, length: int) -> None:
-    end = start + length
-    while start < end:
-        chunk = os.pread(fd, min(HASH_CHUNK, end - start), start)
-        if not chunk:
-            raise GenerationFailed("the spool is shorter than it said")
-        digest.update(chunk)
-        start += len(chunk)
 
 
 class MultipartUpload(Generic[R]):
@@ -285,7 +266,10 @@ class MultipartUpload(Generic[R]):
                 if end == offset and tasks:
                     slots.release()  # the file ended on a part boundary
                     break
-                await run_blocking(hash_range, digest, tail.fileno(), offset, end - offset)
+                try:
+                    await run_blocking(hash_range, digest, tail.fileno(), offset, end - offset)
+                except OSError as exc:
+                    raise GenerationFailed("the spool is shorter than it said") from exc
                 body = FileRange(tail.fileno(), offset, end - offset)
                 tasks.append(asyncio.ensure_future(send(len(tasks) + 1, body)))
                 bodies.append(body)

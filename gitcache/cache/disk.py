@@ -20,13 +20,13 @@ from typing import BinaryIO
 from gitcache.bucket.upload import Tail
 from gitcache.cache.base import Cache, Entry, Upload
 from gitcache.cache.manifest import MANIFEST_NAME, Manifest
+from gitcache.files import CHUNK
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".tar.zst"
-CHUNK = 1024 * 1024
 
 
 class DiskReader:
@@ -94,9 +94,6 @@ class DiskCache:
 
     def _dir(self, repo: RepoRef) -> Path:
         return self.root / repo.host / repo.slug
-
-    def path_of(self, repo: RepoRef, key: str) -> Path:
-        return self._path(repo, key)
 
     def _path(self, repo: RepoRef, key: str) -> Path:
         return self._dir(repo) / f"{key}{SUFFIX}"

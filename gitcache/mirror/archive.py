@@ -13,7 +13,6 @@ archive's size and sha256 before it unpacks it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import tarfile
@@ -30,6 +29,7 @@ from gitcache.bucket.checked import CheckedFile
 from gitcache.bucket.client import Bucket
 from gitcache.bucket.upload import FileTail, MultipartUpload
 from gitcache.errors import GenerationFailed
+from gitcache.files import sha256_of
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.pin import pin_objects
 from gitcache.repo import RepoRef
@@ -89,11 +89,7 @@ def write_archive(source: Path, out: Path) -> tuple[int, str]:
         ):
             for path in sorted(source.iterdir()):
                 tar.add(path, arcname=path.name)
-    digest = hashlib.sha256()
-    with out.open("rb") as file:
-        while chunk := file.read(1024 * 1024):
-            digest.update(chunk)
-    return out.stat().st_size, digest.hexdigest()
+    return sha256_of(out)
 
 
 def extract_archive(archive: Path, dest: Path) -> None:

@@ -103,8 +103,8 @@ class MirrorStore:
         self._config = config
         self._metrics = metrics
         self.archives = archives
-        self.root = config.server.state_dir / "mirrors"
-        self.tmp = config.server.state_dir / "tmp"
+        self.root = config.server.paths.mirrors
+        self.tmp = config.server.paths.tmp
         self._clock = clock
         self._mirrors: dict[RepoRef, Mirror] = {}
         self._updates: Coalescer[Mirror] = Coalescer(tasks)
@@ -127,14 +127,6 @@ class MirrorStore:
             if stamp.exists():
                 mirror.fetched_at = stamp.stat().st_mtime
         return mirror
-
-    @property
-    def rebuilds(self) -> int:
-        return int(
-            self._metrics.value(
-                "gitcache_mirror_operations_total", operation="rebuild", result="ok"
-            )
-        )
 
     @staticmethod
     async def _upstream_env(mirror: Mirror) -> dict[str, str]:

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from gitcache.errors import GitError
+from gitcache.files import CHUNK
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.pin import pin_objects
 from gitcache.mirror.refs import Checkout
@@ -35,8 +36,6 @@ from gitcache.snapshot.tarstream import (
     header,
     padding,
 )
-
-CHUNK = 1024 * 1024
 
 
 async def _file_chunks(

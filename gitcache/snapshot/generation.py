@@ -21,11 +21,11 @@ from pathlib import Path
 import zstandard
 
 from gitcache.errors import GenerationFailed, GitcacheError
+from gitcache.files import CHUNK, Descriptor, sha256_of
 from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 # What a reader reads stays in memory until its client took it (aiohttp copies it once
 # more to frame it): 64 KiB a read keeps 200 slow clients of one miss under ~60 MB, and
 # costs a fast client little.
@@ -77,16 +77,6 @@ class SpoolWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 class Generation:
@@ -161,7 +151,7 @@ class Generation:
         return SpoolReader(self, self._fd, tier=True)
 
 
-class SpoolReader:
+class SpoolReader(Descriptor):
     """One client's view of a generation: the spool's bytes as they are written, then the
     end of the stream once the generation is verified, or an error if it failed.
 
@@ -170,8 +160,8 @@ class SpoolReader:
     it back whether or not the reader was ever iterated."""
 
     def __init__(self, generation: Generation, fd: int, *, tier: bool = False) -> None:
+        super().__init__(os.dup(fd))
         self._generation = generation
-        self._fd = os.dup(fd)
         self._offset = 0
         self._tier = tier
         if not tier:
@@ -189,11 +179,11 @@ class SpoolReader:
         """The next bytes, at most ``limit`` of them; b"" at the end. What a reader has
         read stays in memory until its client took it: a client that is behind is
         given small reads (the spool file, not memory, holds the rest)."""
-        if self._fd < 0 or await self.extent(self._offset + 1) <= self._offset:
+        if self.closed or await self.extent(self._offset + 1) <= self._offset:
             return b""
         want = min(limit, self._generation.size - self._offset)
         # run_blocking: on cancel, the thread is done with the fd before aclose.
-        chunk = await run_blocking(os.pread, self._fd, want, self._offset)
+        chunk = await run_blocking(os.pread, self.fileno(), want, self._offset)
         self._offset += len(chunk)
         return chunk
 
@@ -212,13 +202,9 @@ class SpoolReader:
                 return generation.size
             await generation.changed()
 
-    def fileno(self) -> int:
-        return self._fd
-
     async def aclose(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if not self.closed:
+            await super().aclose()
             if not self._tier:
                 self._generation.readers -= 1
 
@@ -263,7 +249,7 @@ async def write_spool(
     finally:
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
-    size, sha256 = await asyncio.to_thread(hash_file, generation.spool)
+    size, sha256 = await asyncio.to_thread(sha256_of, generation.spool)
     if size != writer.size or sha256 != writer.sha256:
         raise GenerationFailed(
             f"spool verification failed: wrote {writer.size} bytes, read back {size}"

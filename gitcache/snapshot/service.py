@@ -46,6 +46,7 @@ from gitcache.snapshot.generation import (
     remove_spool,
     write_spool,
 )
+from gitcache.snapshot.source import Source
 from gitcache.tasks import TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Hit:
     an older snapshot stands in."""
 
     reader: Reader
-    source: str = "hit"
+    source: Source = Source.HIT
 
     @property
     def commit(self) -> str:
@@ -73,7 +74,7 @@ class Stream:
     """A snapshot being generated; ``body`` is None for a HEAD request."""
 
     commit: str
-    source: str
+    source: Source
     body: SpoolReader | None
     fetched_at: float
 
@@ -115,8 +116,8 @@ class SnapshotService:
         self._cache = cache
         self._tasks = tasks
         self._clock = clock
-        self._spool_dir = config.server.state_dir / "spool"
-        self._tmp_dir = config.server.state_dir / "tmp"
+        self._spool_dir = config.server.paths.spool
+        self._tmp_dir = config.server.paths.tmp
         self._generations: dict[tuple[RepoRef, str], Generation] = {}
 
     def clean_leftovers(self) -> None:
@@ -170,7 +171,7 @@ class SnapshotService:
         generation = self._generations.get((repo, resolved.key))
         if generation is not None:
             await generation.wait()
-        return result.source == "miss"
+        return result.source == Source.MISS
 
     async def _resolve(self, repo: RepoRef, spec: RefSpec, window: float) -> Resolved:
         asked = self._clock()
@@ -216,10 +217,10 @@ class SnapshotService:
         if stream is not None:
             return stream
         if not start:
-            return Stream(checkout.commit, "miss", None, mirror.fetched_at)
+            return Stream(checkout.commit, Source.MISS, None, mirror.fetched_at)
         generation = self._start(repo, mirror, spec, checkout, key)
         body = generation.reader() if read else None
-        return Stream(checkout.commit, "miss", body, mirror.fetched_at)
+        return Stream(checkout.commit, Source.MISS, body, mirror.fetched_at)
 
     async def _stale(self, repo: RepoRef, entry: Entry | None) -> Hit | None:
         limit = self._config.refresh.stale_if_error
@@ -229,7 +230,7 @@ class SnapshotService:
         if reader is None:
             return None
         log.warning("serving a stale snapshot of %s: the upstream failed", repo.name)
-        return Hit(reader, source="stale")
+        return Hit(reader, source=Source.STALE)
 
     @property
     def _fetch_interval(self) -> float:
@@ -265,11 +266,11 @@ class SnapshotService:
         if generation is None:
             return None
         if not read:
-            return Stream(generation.commit, "follower", None, fetched_at)
+            return Stream(generation.commit, Source.FOLLOWER, None, fetched_at)
         if generation.readers >= self._config.server.max_clients_per_generation:
             self._metrics.overloaded.labels("max_clients_per_generation").inc()
             raise Overloaded("too many clients are reading this snapshot already")
-        return Stream(generation.commit, "follower", generation.reader(), fetched_at)
+        return Stream(generation.commit, Source.FOLLOWER, generation.reader(), fetched_at)
 
     async def _has_commit(self, mirror: Mirror, sha: str) -> bool:
         try:

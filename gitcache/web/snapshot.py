@@ -17,6 +17,7 @@ from gitcache.errors import BadRequest, EntryGone, GitcacheError
 from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK
 from gitcache.snapshot.service import Hit, Stream
+from gitcache.snapshot.source import Source
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
 
@@ -90,7 +91,7 @@ async def _respond(
     age = max(0, int(request.app[keys.CLOCK]() - result.fetched_at))
     if spec.sha is not None:
         cache_control = IMMUTABLE  # a commit's snapshot never changes meaning
-    elif result.source == "stale":
+    elif result.source == Source.STALE:
         cache_control = "max-age=0, must-revalidate"
     else:
         cache_control = f"max-age={max(0, int(config.mirrors.fetch_interval) - age)}"
