@@ -51,6 +51,15 @@ class Metrics:
             ["version"],
             registry=r,
         ).labels(_version()).set(1)
+        self._requests(r)
+        self._generations(r)
+        self._mirrors(r)
+        self._caches(r)
+        self._s3(r)
+        self._refresh(r)
+        self._zero_label_sets()
+
+    def _requests(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "gitcache_http_requests_total",
             "HTTP requests by route and status.",
@@ -83,6 +92,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _generations(self, r: CollectorRegistry) -> None:
         self.generations_started = Counter(
             "gitcache_generations_started_total", "Snapshot generations started.", registry=r
         )
@@ -111,6 +122,8 @@ class Metrics:
             "Clients reading a running generation now.",
             registry=r,
         )
+
+    def _mirrors(self, r: CollectorRegistry) -> None:
         self.mirror_operations = Counter(
             "gitcache_mirror_operations_total",
             "Mirror operations by kind and result.",
@@ -135,6 +148,8 @@ class Metrics:
             "Growth of mirrors on disk from clones and fetches: what upstreams sent.",
             registry=r,
         )
+
+    def _caches(self, r: CollectorRegistry) -> None:
         self.cache_bytes = Gauge(
             "gitcache_cache_bytes", "Bytes held by a cache tier.", ["tier"], registry=r
         )
@@ -157,6 +172,8 @@ class Metrics:
         self.scrub_bytes = Counter(
             "gitcache_scrub_bytes_total", "Bytes read back by the scrub.", registry=r
         )
+
+    def _s3(self, r: CollectorRegistry) -> None:
         self.s3_errors = Counter(
             "gitcache_s3_errors_total",
             "S3 requests that failed, by operation.",
@@ -184,6 +201,8 @@ class Metrics:
             "Manifest writes that lost a race with another writer and were retried.",
             registry=r,
         )
+
+    def _refresh(self, r: CollectorRegistry) -> None:
         self.disk_low_space = Gauge(
             "gitcache_disk_low_space",
             "1 while free space is below cache.disk.min_free: the disk tier is not filled.",
@@ -209,8 +228,6 @@ class Metrics:
             ["repo"],
             registry=r,
         )
-
-        self._zero_label_sets()
 
     def _zero_label_sets(self) -> None:
         """Label sets that alerts and dashboards use, present at 0 from the start: a rate()

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from gitcache import keys
-from gitcache.snapshot import service as service_module
+from gitcache.snapshot import producer as producer_module
 from tests.upstream import git
 
 
 def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None]]) -> None:
     """Make generations use the real tar stream, awaiting ``after_chunk(bytes so far)``
     after each chunk: to slow a generation down, or to make it fail part-way."""
-    real = service_module.build_tar
+    real = producer_module.build_tar
 
     async def wrapped(*args: Any, **kwargs: Any) -> Any:
         sent = 0
@@ -28,7 +28,7 @@ def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None
                 sent += len(chunk)
                 await after_chunk(sent)
 
-    monkeypatch.setattr(service_module, "build_tar", wrapped)
+    monkeypatch.setattr(producer_module, "build_tar", wrapped)
 
 
 HOST = "example.test"

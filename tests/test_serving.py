@@ -101,7 +101,7 @@ async def test_failed_generation_aborts_streams_and_caches_nothing(
             await response.read()
     await _generations_done(client)
     errors = [r.name for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["gitcache.snapshot.service"]  # logged once, where it happened
+    assert errors == ["gitcache.snapshot.producer"]  # logged once, where it happened
     assert not any((state_dir / "spool").iterdir())
     assert not any((state_dir / "tmp").iterdir())
     assert not (state_dir / "cache").joinpath("example.test").exists()

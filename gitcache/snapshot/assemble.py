@@ -86,6 +86,41 @@ async def _tail(path: Path, writer: asyncio.Future[bytes]) -> AsyncGenerator[byt
                 yield chunk
 
 
+_GIT_DIRS = (
+    "refs",
+    "refs/heads",
+    "refs/tags",
+    "refs/remotes",
+    "refs/remotes/origin",
+    "info",
+    "objects",
+    "objects/info",
+    "objects/pack",
+)
+
+
+def _git_files(
+    mirror: Mirror, checkout: Checkout, objformat: str, pinned: list[str], now: int
+) -> bytes:
+    """The small ``.git`` entries, generated in memory: the first bytes of a snapshot."""
+    assert mirror.refs is not None
+    refs = mirror.refs
+    small = [dir_entry(".git", mtime=now)]
+    small.append(file_entry(".git/HEAD", gitdir.head_file(checkout), mtime=now))
+    config = gitdir.config_file(mirror.url, checkout, objformat)
+    small.append(file_entry(".git/config", config, mtime=now))
+    packed = gitdir.packed_refs_file(refs, checkout)
+    small.append(file_entry(".git/packed-refs", packed, mtime=now))
+    small.extend(dir_entry(f".git/{d}", mtime=now) for d in _GIT_DIRS)
+    origin_head = gitdir.origin_head_file(refs)
+    if origin_head is not None:
+        small.append(file_entry(".git/refs/remotes/origin/HEAD", origin_head, mtime=now))
+    small.append(file_entry(".git/info/exclude", gitdir.INFO_EXCLUDE, mtime=now))
+    for d in sorted({p.rsplit("/", 1)[0] for p in pinned} - {"objects/pack"}):
+        small.append(dir_entry(f".git/{d}", mtime=now))
+    return b"".join(small)
+
+
 async def build_tar(
     mirror: Mirror, checkout: Checkout, work: Path, *, git_timeout: float, archive_timeout: float
 ) -> AsyncGenerator[bytes, None]:
@@ -95,9 +130,7 @@ async def build_tar(
     ``git archive`` starts at once and writes the working tree to a file in ``work`` while
     the packs are being sent: on two cores, resolving the tree's blobs (the slow part of
     archive) overlaps with compressing the packs, instead of following it."""
-    assert mirror.refs is not None
-    refs, commit = mirror.refs, checkout.commit
-    git_dir = str(mirror.path)
+    commit, git_dir = checkout.commit, str(mirror.path)
     async with mirror.lock.read():
         pinned = await asyncio.to_thread(pin_objects, mirror.path, work)
         objformat = await asyncio.to_thread(gitdir.object_format, mirror.path)
@@ -127,35 +160,7 @@ async def build_tar(
     )
     try:
         now = int(time.time())
-        small = [dir_entry(".git", mtime=now)]
-        small.append(file_entry(".git/HEAD", gitdir.head_file(checkout), mtime=now))
-        small.append(
-            file_entry(
-                ".git/config", gitdir.config_file(mirror.url, checkout, objformat), mtime=now
-            )
-        )
-        small.append(
-            file_entry(".git/packed-refs", gitdir.packed_refs_file(refs, checkout), mtime=now)
-        )
-        for d in (
-            "refs",
-            "refs/heads",
-            "refs/tags",
-            "refs/remotes",
-            "refs/remotes/origin",
-            "info",
-            "objects",
-            "objects/info",
-            "objects/pack",
-        ):
-            small.append(dir_entry(f".git/{d}", mtime=now))
-        origin_head = gitdir.origin_head_file(refs)
-        if origin_head is not None:
-            small.append(file_entry(".git/refs/remotes/origin/HEAD", origin_head, mtime=now))
-        small.append(file_entry(".git/info/exclude", gitdir.INFO_EXCLUDE, mtime=now))
-        for d in sorted({p.rsplit("/", 1)[0] for p in pinned} - {"objects/pack"}):
-            small.append(dir_entry(f".git/{d}", mtime=now))
-        yield b"".join(small)
+        yield _git_files(mirror, checkout, objformat, pinned, now)
 
         files = [(f".git/{rel}", work / rel, 0o444) for rel in pinned]
         for name, path, mode in [*files, (".git/index", index, 0o644)]:

@@ -16,7 +16,7 @@ from gitcache.cache.s3 import S3Reader
 from gitcache.errors import BadRequest, EntryGone, GitcacheError
 from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
 from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK
-from gitcache.snapshot.service import Hit, Stream
+from gitcache.snapshot.service import Hit, Stream, Want
 from gitcache.snapshot.source import Source
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
@@ -86,7 +86,7 @@ async def _respond(
 ) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
     result = await request.app[keys.SNAPSHOTS].serve(
-        repo, spec, start=request.method == "GET", max_age=max_age
+        repo, spec, want=Want.BODY if request.method == "GET" else Want.HEADERS, max_age=max_age
     )
     age = max(0, int(request.app[keys.CLOCK]() - result.fetched_at))
     if spec.sha is not None:
@@ -114,6 +114,15 @@ async def _respond(
         metrics.bytes_served.labels(result.source).inc(info.get("bytes", 0))
 
 
+def _hit_headers(repo: RepoRef, hit: Hit, extra: dict[str, str]) -> dict[str, str]:
+    entry = hit.reader.entry
+    headers = _common_headers(repo, entry.commit, hit.source) | extra
+    headers["ETag"] = entry.etag
+    headers["Last-Modified"] = formatdate(entry.created, usegmt=True)
+    headers["Accept-Ranges"] = "bytes"
+    return headers
+
+
 async def _send_hit(
     request: web.Request,
     repo: RepoRef,
@@ -122,8 +131,7 @@ async def _send_hit(
     started: Callable[[], None],
 ) -> web.StreamResponse:
     """``started`` is called once the hit is sure to be answered (see :class:`EntryGone`)."""
-    reader = hit.reader
-    entry = reader.entry
+    reader, entry = hit.reader, hit.reader.entry
     body: AsyncGenerator[bytes, None] | None = None
     try:
         plan = conditional.plan(
@@ -133,64 +141,69 @@ async def _send_hit(
             modified=entry.created,
             size=entry.size,
         )
-        headers = _common_headers(repo, entry.commit, hit.source) | extra
-        headers.update(
-            {
-                "ETag": entry.etag,
-                "Last-Modified": formatdate(entry.created, usegmt=True),
-                "Accept-Ranges": "bytes",
-            }
-        )
+        headers = _hit_headers(repo, hit, extra)
         s3 = request.app[keys.CONFIG].cache.s3
-        redirect_to = reader if s3.redirect and isinstance(reader, S3Reader) else None
-        if plan.status != 200:
-            redirect_to = None  # a ranged or conditional answer stays with the proxy
+        # A ranged or conditional answer stays with the proxy; the whole object may not.
+        redirect = s3.redirect and plan.status == 200 and isinstance(reader, S3Reader)
         sending = request.method == "GET" and plan.status != 304 and plan.length > 0
-        if sending and redirect_to is None and reader.file is None:
+        first = b""
+        if sending and not redirect and reader.file is None:
             # A streamed tier (S3): its first read is the request to it, made before any
             # answer, so an object gone meanwhile is served again rather than cut.
             body = reader.chunks(plan.start, plan.length)
             first = await anext(body)
         started()
-        if redirect_to is not None:  # the whole object, straight from the bucket
-            redirect = {k: v for k, v in headers.items() if k.startswith("X-Gitcache")}
-            redirect["Location"] = await redirect_to.presigned_url(s3.redirect_ttl)
-            return web.Response(status=302, headers=redirect)
+        if redirect and isinstance(reader, S3Reader):  # the whole object, from the bucket
+            moved = {k: v for k, v in headers.items() if k.startswith("X-Gitcache")}
+            moved["Location"] = await reader.presigned_url(s3.redirect_ttl)
+            return web.Response(status=302, headers=moved)
         if plan.status == 304:
-            return web.Response(
-                status=304,
-                headers={k: headers[k] for k in NOT_MODIFIED_HEADERS},
-            )
+            return web.Response(status=304, headers={k: headers[k] for k in NOT_MODIFIED_HEADERS})
         if plan.status == 206:
             headers["Content-Range"] = plan.content_range(entry.size)
-        response = web.StreamResponse(status=plan.status, headers=headers)
-        response.content_length = plan.length
-        await response.prepare(request)
-        if request.method == "HEAD" or plan.length == 0:
-            await response.write_eof()
-            return response
-        _first_byte(request, hit.source)
-        try:
-            if body is None:
-                await _send_file(request, response, hit, plan.start, plan.length)
-            else:
-                await response.write(first)
-                await _copy(body, response)
-        except SourceFailed as exc:
-            # Cut at once: the client must not wait for bytes that will not come. The
-            # entry is checked now; if its bytes are bad, it is evicted.
-            log.error("hit %s of %s failed mid-body: %s", entry.key, repo.name, exc.__cause__)
-            request.app[keys.SCRUBBER].recheck(repo, entry)
-            return _cut(request, response)
-        except OSError:  # the client went away mid-file
-            return _cut(request, response)
-        request[keys.REQUEST_INFO]["bytes"] = plan.length
-        await response.write_eof()
-        return response
+        return await _send_hit_body(request, repo, hit, headers, plan, first, body)
     finally:
         if body is not None:
             await body.aclose()
         await reader.close()
+
+
+async def _send_hit_body(
+    request: web.Request,
+    repo: RepoRef,
+    hit: Hit,
+    headers: dict[str, str],
+    plan: conditional.Plan,
+    first: bytes,
+    body: AsyncGenerator[bytes, None] | None,
+) -> web.StreamResponse:
+    """The status line, the headers and (for a GET) the bytes ``plan`` names: sent with
+    sendfile from a file, or ``first`` and then the rest of ``body``."""
+    response = web.StreamResponse(status=plan.status, headers=headers)
+    response.content_length = plan.length
+    await response.prepare(request)
+    if request.method == "HEAD" or plan.length == 0:
+        await response.write_eof()
+        return response
+    _first_byte(request, hit.source)
+    try:
+        if body is None:
+            await _send_file(request, response, hit, plan.start, plan.length)
+        else:
+            await response.write(first)
+            await _copy(body, response)
+    except SourceFailed as exc:
+        # Cut at once: the client must not wait for bytes that will not come. The entry
+        # is checked now; if its bytes are bad, it is evicted.
+        entry = hit.reader.entry
+        log.error("hit %s of %s failed mid-body: %s", entry.key, repo.name, exc.__cause__)
+        request.app[keys.SCRUBBER].recheck(repo, entry)
+        return _cut(request, response)
+    except OSError:  # the client went away mid-file
+        return _cut(request, response)
+    request[keys.REQUEST_INFO]["bytes"] = plan.length
+    await response.write_eof()
+    return response
 
 
 def _cut(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

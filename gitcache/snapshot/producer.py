@@ -1,0 +1,210 @@
+"""Running a generation: the tar of a snapshot compressed into its spool, verified,
+committed to the cache, with its clients following the spool (see ``generation``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from gitcache.cache.base import Cache, Entry, Upload
+from gitcache.config import Config
+from gitcache.errors import GenerationFailed, GitcacheError, Overloaded
+from gitcache.metrics import Metrics
+from gitcache.mirror.mirror import Mirror
+from gitcache.mirror.refs import Checkout
+from gitcache.repo import RefSpec, RepoRef
+from gitcache.snapshot.assemble import build_tar
+from gitcache.snapshot.generation import Generation, SpoolWriter, remove_spool, write_spool
+from gitcache.tasks import TaskSet, run_blocking
+
+log = logging.getLogger(__name__)
+
+
+class Producer:
+    """The generations running now, at most one per snapshot key."""
+
+    def __init__(
+        self,
+        config: Config,
+        cache: Cache,
+        tasks: TaskSet,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._cache = cache
+        self._tasks = tasks
+        self._metrics = metrics
+        self._clock = clock
+        self._spool_dir = config.server.paths.spool
+        self._tmp_dir = config.server.paths.tmp
+        self.running: dict[tuple[RepoRef, str], Generation] = {}
+        metrics.generations_in_flight.set_function(lambda: len(self.running))
+        metrics.generation_readers.set_function(
+            lambda: sum(g.readers for g in self.running.values())
+        )
+
+    def start(
+        self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
+    ) -> Generation:
+        if len(self.running) >= self._config.server.max_generations:
+            self._metrics.overloaded.labels("max_generations").inc()
+            raise Overloaded("too many snapshots are being generated")
+        spool = self._spool_dir / f"{repo.slug}.{key}.{uuid.uuid4().hex[:8]}.partial"
+        generation = Generation(key, checkout.commit, spool)
+        cfg = self._config.snapshot
+        # Created here, synchronously, so the first reader can join before this returns.
+        writer = SpoolWriter(spool, cfg.zstd_level, cfg.zstd_threads)
+        generation.open_spool()
+        self.running[(repo, key)] = generation
+        self._metrics.generations_started.inc()
+        self._tasks.spawn(
+            self._generate(repo, mirror, spec, checkout, generation, writer),
+            name=f"generate:{repo.name}:{key}",
+        )
+        return generation
+
+    async def _generate(
+        self,
+        repo: RepoRef,
+        mirror: Mirror,
+        spec: RefSpec,
+        checkout: Checkout,
+        generation: Generation,
+        writer: SpoolWriter,
+    ) -> None:
+        started = time.monotonic()
+        work = self._tmp_dir / f"gen-{uuid.uuid4().hex}"
+        # A tier that copies the spool elsewhere (S3) starts now, reading it as it grows.
+        upload = self._cache.begin(repo, generation.key, generation.tail)
+        committed: Entry | None = None
+        try:
+            entry = await self._write(mirror, spec, checkout, generation, writer, work)
+            committed = await self._commit(repo, generation, entry, upload)
+            self._metrics.generations.labels("ok").inc()
+            self._metrics.generation_bytes.inc(entry.size)
+            self._metrics.generation_duration.observe(time.monotonic() - started)
+            log.info(
+                "generated %s %s: %d bytes in %.2fs",
+                repo.name,
+                entry.key,
+                entry.size,
+                time.monotonic() - started,
+            )
+        except asyncio.CancelledError:
+            self._failed(repo, generation, GenerationFailed("gitcache is shutting down"), True)
+            raise
+        except Exception as exc:
+            self._failed(repo, generation, exc)
+        finally:
+            writer.close()
+            self.running.pop((repo, generation.key), None)
+            generation.close_spool()
+            if upload is not None:
+                await upload.abort()  # a no-op once committed
+            remove_spool(generation.spool)
+            with contextlib.suppress(OSError):
+                await run_blocking(shutil.rmtree, work, ignore_errors=True)
+        if committed is not None:
+            await self._prune(repo, committed)
+
+    async def _write(
+        self,
+        mirror: Mirror,
+        spec: RefSpec,
+        checkout: Checkout,
+        generation: Generation,
+        writer: SpoolWriter,
+        work: Path,
+    ) -> Entry:
+        """The snapshot's tar, compressed into the spool and verified; its entry."""
+        assert mirror.refs is not None
+        refs_digest, fetched_at = mirror.refs.digest, mirror.fetched_at
+        await run_blocking(work.mkdir, parents=True)
+        chunks = build_tar(
+            mirror,
+            checkout,
+            work,
+            git_timeout=self._config.mirrors.git_timeout,
+            # An archive of a large tree may take as long as its clone did.
+            archive_timeout=self._config.mirrors.clone_timeout,
+        )
+        try:
+            size, sha256 = await write_spool(generation, chunks, writer)
+        finally:
+            await chunks.aclose()
+        return Entry(
+            key=generation.key,
+            ref=spec.label,
+            commit=checkout.commit,
+            refs_digest=refs_digest,
+            size=size,
+            sha256=sha256,
+            created=self._clock(),
+            fetched_at=fetched_at,
+        )
+
+    async def _commit(
+        self, repo: RepoRef, generation: Generation, entry: Entry, upload: Upload | None
+    ) -> Entry | None:
+        """Commit the verified spool to the cache (the entry, or None if it was not).
+
+        The rule for when the generation's clients see the end of their stream: once the
+        next request would find the snapshot where it looks. With a local tier that is
+        after its commit. With a remote-only tier (S3) the commit is an upload finishing,
+        which clients need not wait for: they see their end at once, and the generation
+        stays joinable until it is done, so whoever asks meanwhile reads the complete
+        spool. Whatever the commit does, clients keep their verified bytes."""
+        end_after_commit = self._cache.local
+        if not end_after_commit:
+            generation.finish()
+        committed = None
+        try:
+            if await self._disk_has_room():
+                await self._cache.commit(repo, generation.spool, entry, upload)
+                committed = entry
+        except (GitcacheError, OSError) as exc:
+            log.error("could not commit %s %s: %s", repo.name, generation.key, exc)
+        except Exception:
+            log.exception("could not commit %s %s to the cache", repo.name, generation.key)
+        if end_after_commit:
+            generation.finish()
+        return committed
+
+    def _failed(
+        self, repo: RepoRef, generation: Generation, exc: Exception, aborted: bool = False
+    ) -> None:
+        generation.fail(exc)
+        self._metrics.generations.labels("failed").inc()
+        # A traceback only for the unexpected: known failures explain themselves.
+        log.log(
+            logging.WARNING if aborted else logging.ERROR,
+            "generation of %s %s failed: %s",
+            repo.name,
+            generation.key,
+            exc,
+            exc_info=not isinstance(exc, GitcacheError),
+        )
+
+    async def _prune(self, repo: RepoRef, committed: Entry) -> None:
+        """After the clients saw their end: nobody waits on the retention sweep."""
+        try:
+            await self._cache.prune(repo, committed.ref, self._config.cache.keep)
+        except Exception:
+            log.exception("could not prune the snapshots of %s", repo.name)
+
+    async def _disk_has_room(self) -> bool:
+        """The free-space watchdog: below ``cache.disk.min_free`` the disk tier is not
+        filled (streams still serve), and a metric says so."""
+        usage = await asyncio.to_thread(shutil.disk_usage, self._config.server.state_dir)
+        low = usage.free < self._config.cache.disk.min_free
+        self._metrics.disk_low_space.set(1 if low else 0)
+        if low:
+            log.warning("free space below cache.disk.min_free: not caching this snapshot")
+        return not low
