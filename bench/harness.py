@@ -17,7 +17,7 @@ import boto3
 from aiohttp import web
 
 from bench.make_repo import make_repo
-from tests.conftest import free_port, start_s3_server
+from tests.servers import free_port, start_s3_server
 from tests.upstream import Upstream
 
 BUCKET = "gitcache-bench"

@@ -32,7 +32,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bench.harness import benchmark, serve_in_thread, served_upstream
-from tests.conftest import free_port
+from tests.servers import free_port
 from tests.upstream import git
 
 HOST = "bench.test"

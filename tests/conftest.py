@@ -1,12 +1,8 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from gitcache.app import create_app
 from gitcache.config import Config, config_from_dict
 from tests.helpers import Clock
+from tests.servers import free_port, start_s3_server
 from tests.upstream import Upstream, make_big_repo, make_rich_repo
 
 # Tests must not depend on the developer's git config; commits need an identity.
@@ -65,30 +62,6 @@ async def upstream(tmp_path: Path, aiohttp_server: Any) -> Upstream:
 def rich_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     work = tmp_path_factory.mktemp("rich") / "work"
     return work, make_rich_repo(work)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_s3_server(port: int) -> subprocess.Popen[bytes]:
-    """A real S3-compatible server: moto in server mode, its own process on 127.0.0.1;
-    returns once it answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.terminate()
-    raise RuntimeError("the S3 test server did not start")
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
 from tests.helpers import HOST
+from tests.servers import free_port
 from tests.upstream import Upstream
+from tests.waiting import until
 
 
 def to_toml(tables: dict[str, dict[str, Any]]) -> str:
@@ -61,27 +63,30 @@ async def start_gitcache(
         sys.executable, "-m", "gitcache.cli", "serve", "--config", str(config)
     )
     process = GitcacheProcess(proc, f"http://127.0.0.1:{port}", state_dir)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"{process.base}/readyz") as response:
-                    if response.status == 200:
-                        return process
-            except aiohttp.ClientConnectionError:
-                pass
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-    await process.stop()
-    raise AssertionError(f"gitcache {name} never became ready")
+
+    async def ready() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"gitcache {name} exited with {proc.returncode}")
+        try:
+            async with session.get(f"{process.base}/readyz") as response:
+                return response.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until(ready, f"gitcache {name} to be ready", 20)
+    except AssertionError:
+        await process.stop()
+        raise
+    return process
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """One sample from a /metrics page (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        metric_name, _, rest = sample.partition("{")
-        if metric_name == name and ",".join(sorted(rest.rstrip("}").split(","))) == want:
-            return float(value)
-    return 0.0
+    """One sample from a /metrics page (0 if absent), read with prometheus-client's parser."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels == s.labels
+    )

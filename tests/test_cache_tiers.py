@@ -32,9 +32,10 @@ from gitcache.errors import EntryGone, GenerationFailed
 from gitcache.metrics import Metrics
 from gitcache.repo import RepoRef
 from gitcache.tasks import TaskSet
-from tests.conftest import free_port, start_s3_server
 from tests.helpers import HOST, extract, settled, snapshot_url, wrap_build_tar
+from tests.servers import free_port, start_s3_server
 from tests.upstream import Upstream, git
+from tests.waiting import until
 
 REPO = RepoRef(HOST, "group/repo")
 
@@ -211,18 +212,15 @@ async def test_upload_runs_while_the_snapshot_is_generated(
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     response = await client.get(snapshot_url("big"))
     try:
-        for _ in range(400):
+
+        def a_part_sent() -> bool:
             uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
-            if uploads:
-                upload = uploads[0]
-                parts = s3.list_parts(
-                    Bucket=s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                ).get("Parts", [])
-                if parts:
-                    break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("no part was uploaded while the generation ran")
+            return any(
+                s3.list_parts(Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+                for u in uploads
+            )
+
+        await until(a_part_sent, "a part uploaded while the generation runs", 20)
         assert client.app[keys.SNAPSHOTS].running == 1  # still generating
         assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0  # nothing visible
     finally:
@@ -305,24 +303,21 @@ async def test_tiered_upload_and_fill_across_replicas(
     first = await make_client(cache=cache)
     body = await (await first.get(snapshot_url(rich))).read()
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for _ in range(100):  # the upload completes in the background, after the disk commit
+
+    def in_s3() -> bool:  # the upload completes in the background, after the disk commit
         listed = s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
-        if any(o["Key"].endswith("/manifest.json") for o in listed):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the snapshot never reached S3")
+        return any(o["Key"].endswith("/manifest.json") for o in listed)
+
+    await until(in_s3, "the snapshot in S3")
 
     replica_state = tmp_path / "replica-b"
     replica = await make_client(state=replica_state, cache=cache)
     from_s3 = await replica.get(snapshot_url(rich))
     assert from_s3.headers["X-Gitcache-Source"] == "hit"
     assert await from_s3.read() == body
-    for _ in range(100):  # committed just after the last byte went out
-        filled = list((replica_state / "cache").rglob("*.tar.zst"))
-        if filled:
-            break
-        await asyncio.sleep(0.05)
+    # Committed just after the last byte went out.
+    await until(lambda: any((replica_state / "cache").rglob("*.tar.zst")), "the disk fill")
+    filled = list((replica_state / "cache").rglob("*.tar.zst"))
     assert len(filled) == 1 and filled[0].read_bytes() == body  # verified, then committed
     again = await replica.get(snapshot_url(rich))
     assert await again.read() == body
@@ -445,12 +440,11 @@ async def test_s3_dies_mid_upload_and_the_client_still_gets_its_snapshot(
     s3 = boto3.client("s3", endpoint_url=flaky_s3.endpoint, region_name="us-east-1")
     response = await client.get(snapshot_url("big"))
     try:
-        for _ in range(400):
-            if s3.list_multipart_uploads(Bucket=flaky_s3.bucket).get("Uploads"):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the upload never started")
+        await until(
+            lambda: bool(s3.list_multipart_uploads(Bucket=flaky_s3.bucket).get("Uploads")),
+            "the upload to start",
+            20,
+        )
         flaky_s3.stop()
     finally:
         gate.set()

@@ -16,17 +16,7 @@ from gitcache.mirror.leftovers import working_in
 from tests.helpers import HOST, extract, snapshot_url, status
 from tests.processes import GitcacheProcess, start_gitcache
 from tests.upstream import Upstream, agit, commit_all, git
-
-
-async def until(condition: object, seconds: float, what: str) -> None:
-    """Poll ``condition()`` until it is true; fail after ``seconds``."""
-    assert callable(condition)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.waiting import until
 
 
 async def kill(process: GitcacheProcess) -> None:
@@ -45,12 +35,12 @@ async def test_git_children_do_not_outlive_a_killed_gitcache(
     state = process.state_dir
     async with aiohttp.ClientSession() as session:
         request = asyncio.ensure_future(session.get(process.base + snapshot_url(rich)))
-        await until(lambda: working_in(state), 10, "a git child")
+        await until(lambda: bool(working_in(state)), "a git child")
         await kill(process)
         with pytest.raises(aiohttp.ClientError):
             await request
     # The child itself was killed with its parent; a helper of its may still wait.
-    await until(lambda: not any("clone" in _argv(p) for p in working_in(state)), 5, "git clone")
+    await until(lambda: not any("clone" in _argv(p) for p in working_in(state)), "git clone", 5)
     again = await start_gitcache(tmp_path, "s", upstream)
     try:
         assert working_in(state) == []  # reaped before it was ready

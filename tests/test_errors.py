@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,20 @@ async def test_empty_repository(client: Any, upstream: Upstream) -> None:
     assert "empty" in body["error"]
 
 
-async def test_upstream_down(client: Any, upstream: Upstream, rich: str) -> None:
+async def test_upstream_down(
+    make_client: Any, upstream: Upstream, rich: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Credentials in the upstream's URL: they must reach neither the client nor the log.
+    url = f"http://bob:s3cret-pass@127.0.0.1:{upstream.port}/{{repo}}.git"
+    client = await make_client(upstreams={HOST: {"url": url, "allow_private": True}})
     upstream.fail = True
     response = await client.get(snapshot_url(rich))
     assert response.status == 502
-    body = await response.json()
-    assert body["code"] == "upstream_error"
-    assert f"127.0.0.1:{upstream.port}" not in body["error"] or "@" not in body["error"]
+    text = await response.text()
+    assert json.loads(text)["code"] == "upstream_error"
+    assert f"127.0.0.1:{upstream.port}" in text  # the error does name the upstream
+    assert "s3cret-pass" not in text
+    assert "s3cret-pass" not in caplog.text and "127.0.0.1" in caplog.text
 
 
 async def test_upstream_timeout_leaves_no_half_made_mirror(

@@ -18,6 +18,7 @@ from gitcache.cache.disk import DiskCache
 from tests.faults import CuttingProxy, fill, small_filesystem
 from tests.helpers import HOST, settled, snapshot_url
 from tests.upstream import Upstream
+from tests.waiting import until
 
 BACKENDS = ["disk", "s3", "tiered"]
 
@@ -143,12 +144,7 @@ async def test_s3_dropping_mid_object_cuts_the_hit(
     proxy.cut_after = None
     await client.app[keys.TASKS].settle("recheck:")
     # The partial fill of the disk tier is dropped (by the handler, once it saw the cut).
-    for _ in range(100):
-        if not list((state_dir / "spool").glob("*.fill")):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the partial fill was never removed")
+    await until(lambda: not list((state_dir / "spool").glob("*.fill")), "the fill's removal")
     # A dropped connection says nothing against the object: it is still served, whole.
     again = await client.get(snapshot_url("big"))
     assert again.headers["X-Gitcache-Source"] == "hit"

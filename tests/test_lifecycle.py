@@ -17,6 +17,7 @@ from gitcache import keys
 from gitcache.repo import RepoRef
 from tests.helpers import HOST, Clock, snapshot_url
 from tests.upstream import Upstream, agit, commit_all, git
+from tests.waiting import until
 
 REPO = RepoRef(HOST, "group/rich")
 
@@ -213,7 +214,7 @@ async def test_webhooks(
         response = await client.post("/hooks/github", data=body, headers=headers)
         assert response.status == 401
         assert (await response.json())["code"] == "unauthorized"
-    await asyncio.sleep(0.2)
+    await client.app[keys.TASKS].settle("refresh:")  # nothing was started, nothing to wait for
     assert upstream.clones(rich) == before  # nothing was done
 
     good = await client.post(
@@ -221,10 +222,10 @@ async def test_webhooks(
     )
     assert good.status == 202
     assert (await good.json())["status"] == "refreshing"
-    for _ in range(100):
-        if snapshots.generations_started == 2 and not snapshots.running:
-            break
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: snapshots.generations_started == 2 and not snapshots.running,
+        "the pushed commit's snapshot",
+    )
     response = await get(client, snapshot_url(rich))
     assert (response.headers["X-Gitcache-Source"], response.headers["X-Gitcache-Commit"]) == (
         "hit",
@@ -252,13 +253,12 @@ async def test_manual_refresh_from_loopback(
     new = push(upstream, work, "manual")
     response = await client.post(f"/admin/repos/{HOST}/{rich}/refresh")
     assert response.status == 202
-    for _ in range(100):
+
+    async def refreshed() -> bool:
         got = await get(client, snapshot_url(rich))
-        if got.headers["X-Gitcache-Commit"] == new and got.headers["X-Gitcache-Source"] == "hit":
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the manual refresh made no new snapshot")
+        return (got.headers["X-Gitcache-Commit"], got.headers["X-Gitcache-Source"]) == (new, "hit")
+
+    await until(refreshed, "the manual refresh's new snapshot")
 
 
 async def test_pinned_repository_is_prewarmed(

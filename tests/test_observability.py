@@ -15,12 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gitcache.errors import GitError
 from gitcache.log import JsonFormatter, setup_logging
 from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
 from tests.processes import start_gitcache
 from tests.upstream import Upstream
+from tests.waiting import until
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "gitcache.json"
@@ -53,50 +55,64 @@ def test_alert_rules_pass_promtool() -> None:
 
 
 def sample(exposition: str, name: str, **labels: str) -> float:
-    for line in exposition.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The sum of the samples named ``name`` whose labels include ``labels`` (0 if none),
+    read with prometheus-client's own parser."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
-async def test_metrics_follow_miss_follower_hit_stale_and_failure(
-    make_client: Any, upstream: Upstream, rich: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = await make_client()
+async def _scrape(client: Any) -> str:
+    return str(await (await client.get("/metrics")).text())
 
-    async def metrics() -> str:
-        return str(await (await client.get("/metrics")).text())
 
+async def _miss_follower_hit(client: Any, rich: str) -> int:
+    """Two concurrent requests (a miss and a follower, or a hit) then a hit; the size."""
     first, second = await asyncio.gather(
         client.get(snapshot_url(rich)), client.get(snapshot_url(rich))
     )
     size = len(await first.read())
     await second.read()
-    hit = await client.get(snapshot_url(rich))
-    await hit.read()
-    m = await metrics()
+    await (await client.get(snapshot_url(rich))).read()
+    return size
+
+
+async def test_metrics_count_responses_by_source(client: Any, rich: str) -> None:
+    await _miss_follower_hit(client, rich)
+    m = await _scrape(client)
     assert sample(m, "gitcache_snapshot_responses_total", source="miss", tier="spool") == 1
     assert (
         sample(m, "gitcache_snapshot_responses_total", source="hit", tier="disk")
         + sample(m, "gitcache_snapshot_responses_total", source="follower", tier="spool")
         == 2
     )
-    assert sample(m, "gitcache_generations_started_total") == 1
-    assert sample(m, "gitcache_generations_total", result="ok") == 1
-    assert sample(m, "gitcache_generation_bytes_total") == size
-    assert sample(m, "gitcache_mirror_operations_total", operation="clone", result="ok") == 1
-    assert sample(m, "gitcache_upstream_fetched_bytes_total") > 0
-    served = sum(
-        sample(m, "gitcache_snapshot_bytes_served_total", source=s)
-        for s in ("miss", "follower", "hit")
-    )
-    assert served == 3 * size
-    assert sample(m, "gitcache_cache_entries", tier="disk") == 1
-    assert sample(m, "gitcache_generations_in_flight") == 0
     assert sample(m, "gitcache_http_requests_total", method="GET", status="200") >= 3
 
+
+async def test_metrics_count_the_bytes_served_and_generated(client: Any, rich: str) -> None:
+    size = await _miss_follower_hit(client, rich)
+    m = await _scrape(client)
+    assert sample(m, "gitcache_snapshot_bytes_served_total") == 3 * size
+    assert sample(m, "gitcache_generation_bytes_total") == size
+    assert sample(m, "gitcache_upstream_fetched_bytes_total") > 0
+
+
+async def test_metrics_count_one_generation_one_clone_one_entry(client: Any, rich: str) -> None:
+    await _miss_follower_hit(client, rich)
+    m = await _scrape(client)
+    assert sample(m, "gitcache_generations_started_total") == 1
+    assert sample(m, "gitcache_generations_total", result="ok") == 1
+    assert sample(m, "gitcache_generations_in_flight") == 0
+    assert sample(m, "gitcache_mirror_operations_total", operation="clone", result="ok") == 1
+    assert sample(m, "gitcache_cache_entries", tier="disk") == 1
+
+
+async def test_metrics_count_a_failed_generation(
+    client: Any, rich: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def fail(sent: int) -> None:
         raise GitError("simulated")
 
@@ -104,8 +120,13 @@ async def test_metrics_follow_miss_follower_hit_stale_and_failure(
     broken = await client.get(snapshot_url(rich, "feature"))
     with pytest.raises(aiohttp.ClientPayloadError):
         await broken.read()
-    await asyncio.sleep(0.1)
-    assert sample(await metrics(), "gitcache_generations_total", result="failed") == 1
+
+    async def counted() -> bool:
+        m = await _scrape(client)
+        return sample(m, "gitcache_generations_total", result="failed") == 1
+
+    await until(counted, "the failed generation to be counted")
+    assert sample(await _scrape(client), "gitcache_generations_total", result="ok") == 0
 
 
 async def test_stale_is_counted(make_client: Any, upstream: Upstream, rich: str) -> None:
@@ -205,9 +226,12 @@ async def test_sigterm_during_a_stream_and_a_generation(
         assert list((state_dir / "spool").iterdir())  # the generation is running
 
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        async with aiohttp.ClientSession() as fresh:  # a new connection, during the drain
-            assert (await fresh.get(f"{base}/readyz")).status == 503
+
+        async def draining() -> bool:  # a new connection, during the drain
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{base}/readyz") as ready:
+                return ready.status == 503
+
+        await until(draining, "readiness to say 503 while connections are accepted", 1.0)
         with pytest.raises(aiohttp.ClientPayloadError):
             await stream.read()  # cut after shutdown_timeout: no truncated "success"
     assert await asyncio.wait_for(proc.wait(), 30) == 0

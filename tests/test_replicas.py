@@ -21,6 +21,7 @@ from gitcache.mirror.archive import ArchiveRecord, write_archive
 from tests.helpers import Clock, extract, settled, snapshot_url
 from tests.processes import metric, start_gitcache
 from tests.upstream import Upstream, agit, commit_all, git
+from tests.waiting import until
 
 
 def s3_cache(endpoint: str, bucket: str) -> dict[str, Any]:
@@ -196,22 +197,17 @@ async def test_two_gitcache_processes_share_one_bucket(
                 assert await hit.read() == body
 
             new = await push_change(upstream, rich, tmp_path / "work", "pushed")
-            for _ in range(300):  # the refresh jobs pick the push up
+
+            async def both_serve_it() -> bool:  # the refresh jobs pick the push up
                 commits = []
                 for replica in replicas:
                     async with session.get(replica.base + url) as response:
                         await response.read()
-                        commits.append(
-                            (
-                                response.headers["X-Gitcache-Commit"],
-                                response.headers["X-Gitcache-Source"],
-                            )
-                        )
-                if all(c == (new, "hit") for c in commits):
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(f"the replicas never both served {new} as a hit: {commits}")
+                        headers = response.headers
+                        commits.append((headers["X-Gitcache-Commit"], headers["X-Gitcache-Source"]))
+                return all(c == (new, "hit") for c in commits)
+
+            await until(both_serve_it, f"both replicas to serve {new} as a hit", 30)
             pages = []
             for replica in replicas:
                 async with session.get(replica.base + "/metrics") as page:
@@ -241,15 +237,16 @@ async def test_a_process_killed_mid_upload_leaves_nothing_visible(
         async with aiohttp.ClientSession() as session:
             response = await session.get(process.base + snapshot_url("big"))
             assert response.status == 200
-            for _ in range(600):
+
+            def a_part_sent() -> bool:
                 uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
-                if uploads and s3.list_parts(
-                    Bucket=s3_bucket, Key=uploads[0]["Key"], UploadId=uploads[0]["UploadId"]
-                ).get("Parts"):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("no part was uploaded")
+                return bool(uploads) and bool(
+                    s3.list_parts(
+                        Bucket=s3_bucket, Key=uploads[0]["Key"], UploadId=uploads[0]["UploadId"]
+                    ).get("Parts")
+                )
+
+            await until(a_part_sent, "a part uploaded", 30)
             process.proc.kill()
             await process.proc.wait()
             response.close()
@@ -260,12 +257,10 @@ async def test_a_process_killed_mid_upload_leaves_nothing_visible(
     assert list((tmp_path / "a" / "uploads").iterdir())  # what the crash left in flight
     again = await start_gitcache(tmp_path, "a", upstream, **sections)
     try:
-        for _ in range(100):  # aborted in the background, once started
-            if not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the upload left in flight was never aborted")
+        await until(  # aborted in the background, once started
+            lambda: not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"),
+            "the upload left in flight to be aborted",
+        )
         assert not list((tmp_path / "a" / "uploads").iterdir())
     finally:
         assert await again.stop() == 0

@@ -14,6 +14,7 @@ import aiohttp
 from tests.helpers import snapshot_url
 from tests.processes import GitcacheProcess, start_gitcache
 from tests.upstream import Upstream
+from tests.waiting import until
 
 
 async def _open(process: GitcacheProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -73,19 +74,18 @@ async def test_connections_past_the_cap_get_a_json_503(upstream: Upstream, tmp_p
         assert _json_body(raw)["code"] == "overloaded"
         for _, writer in held:
             writer.close()
-        for _ in range(100):  # the held ones are gone: room again
+
+        async def room_again() -> bool:  # the held ones are gone
             try:
                 async with (
                     aiohttp.ClientSession() as session,
                     session.get(f"{process.base}/healthz") as response,
                 ):
-                    if response.status == 200:
-                        break
+                    return response.status == 200
             except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("connections were never accepted again")
+                return False
+
+        await until(room_again, "connections accepted again")
     finally:
         await process.stop()
 

@@ -16,6 +16,7 @@ from gitcache import keys
 from gitcache.errors import GitError
 from tests.helpers import extract, snapshot_url, status, wrap_build_tar
 from tests.upstream import Upstream, git
+from tests.waiting import until
 
 
 async def test_miss_then_hit_serves_identical_bytes(
@@ -53,11 +54,7 @@ async def test_concurrent_cold_requests_share_one_clone_and_one_generation(
 
 
 async def _generations_done(client: Any) -> None:
-    for _ in range(400):
-        if not client.app[keys.SNAPSHOTS].running:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("generation still running")
+    await until(lambda: not client.app[keys.SNAPSHOTS].running, "the generation's end", 20)
 
 
 async def test_client_disconnect_does_not_stop_the_cache_fill(

@@ -12,6 +12,7 @@ import pytest
 from gitcache import keys
 from tests.helpers import processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
+from tests.waiting import until
 
 
 async def test_shutdown_mid_generation(
@@ -32,12 +33,10 @@ async def test_shutdown_mid_generation(
         response = await session.get(client.make_url(snapshot_url("big")))
         await response.content.read(100)
         assert client.app[keys.SNAPSHOTS].running == 1
-        for _ in range(200):  # until git archive runs (after the packs were sent)
-            if any(" archive " in p for p in processes_mentioning(str(state_dir))):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("git archive never started")
+        await until(  # after the packs were sent
+            lambda: any(" archive " in p for p in processes_mentioning(str(state_dir))),
+            "git archive to run",
+        )
         response.close()
         await client.close()
     assert processes_mentioning(str(state_dir)) == []
