@@ -19,11 +19,12 @@ from pathlib import Path
 
 from bench.harness import BUCKET, benchmark, local_bucket, served_upstream
 from gitcache.bucket.client import Bucket
-from gitcache.config import Config, config_from_dict
+from gitcache.config import Config
 from gitcache.metrics import Metrics
 from gitcache.mirror.archive import MirrorArchives
 from gitcache.mirror.store import MirrorStore
 from gitcache.repo import RepoRef
+from gitcache.settings import config_from_dict
 from gitcache.tasks import TaskSet
 
 HOST = "bench.test"

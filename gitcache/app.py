@@ -113,7 +113,7 @@ async def _snapshots(app: web.Application) -> AsyncIterator[None]:
     # then their lock files; clean_leftovers then empties spool/ and tmp/.
     await asyncio.to_thread(reap_orphans, paths.root)
     await asyncio.to_thread(clear_mirror_locks, mirrors.root)
-    service.clean_leftovers()
+    service.producer.clean_leftovers()
     app[keys.MIRRORS], app[keys.SNAPSHOTS] = mirrors, service
     yield
 

@@ -14,8 +14,9 @@ from aiohttp import web
 from gitcache import keys
 from gitcache.app import create_app
 from gitcache.auth import Tokens
-from gitcache.config import Config, ConfigError, dump_config, load_config
+from gitcache.config import Config, ConfigError
 from gitcache.log import setup_logging
+from gitcache.settings import dump_config, load_config
 from gitcache.web.server import Gate, GatedRunner, shut_down
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,6 +50,27 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The shortest spelling :func:`parse_duration` reads back: ``"30s"``, ``"7d"``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        scale = _DURATION_UNITS[unit]
+        if seconds >= scale and float(seconds / scale).is_integer():
+            return f"{int(seconds / scale)}{unit}"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if float(millis).is_integer() else f"{seconds}s"
+
+
+def format_size(size: int) -> str | int:
+    """The shortest spelling :func:`parse_size` reads back: ``"50GiB"``, or the bytes."""
+    for unit in ("tib", "gib", "mib", "kib"):
+        scale = _SIZE_UNITS[unit]
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit[0].upper()}iB"
+    return size
+
+
 def parse_size(value: object) -> int:
     """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``."""
     if isinstance(value, bool):
@@ -68,17 +89,6 @@ def parse_size(value: object) -> int:
     return size
 
 
-def parse_int(low: int, high: int) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected a whole number")
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
 def parse_str(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -93,29 +103,12 @@ def parse_listen(value: object) -> str:
     return text
 
 
-def parse_bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def parse_choice(*choices: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
-        return str(value)
-
-    return parse
-
-
 def parse_repo_list(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and "/" in v for v in value):
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, str) and "/" in v for v in value
+    ):
         raise ValueError('expected a list of "host/repository" strings')
     return tuple(v.removesuffix(".git") for v in value)
-
-
-def parse_level(value: object) -> str:
-    return parse_choice("DEBUG", "INFO", "WARNING", "ERROR")(str(value).upper())
 
 
 def parse_upstream_url(value: object) -> str:

@@ -1,18 +1,6 @@
-"""The periodic refresh scheduler: keeps requested repositories fresh so requests are hits.
-
-Every repository requested within ``refresh.idle_after`` (and every pinned one) is fetched
-about every ``refresh.interval``, with ±10% jitter so refreshes do not come in waves, by at
-most ``refresh.concurrency`` jobs at once and one job per repository at a time. After a
-fetch, the snapshots of the refs clients asked for are generated if the refs changed, so
-the next request is a hit; unchanged refs cost one ``ls-remote`` and nothing else. A
-repository whose upstream fails is retried with exponential backoff up to
-``refresh.backoff_max``. Run times are persisted, so a restart does not refetch everything.
-
-The same sweep deletes mirrors idle longer than ``mirrors.evict_after``, runs mirror
-maintenance every ``mirrors.maintenance_interval`` and, with a shared bucket, archives each
-mirror there every ``mirrors.archive_interval`` (one replica at a time, under a lease, and
-only when its refs moved), so a new replica restores mirrors instead of cloning them.
-"""
+"""The periodic scheduler: keeps requested (and pinned) repositories fresh, with jitter,
+bounded concurrency and backoff; also evicts idle mirrors, runs their maintenance and
+archives them into the bucket. Run times persist in ``refresh.json``."""
 
 from __future__ import annotations
 

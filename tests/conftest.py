@@ -14,7 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gitcache.app import create_app
-from gitcache.config import Config, config_from_dict
+from gitcache.config import Config
+from gitcache.settings import config_from_dict
 from tests.helpers import Clock
 from tests.servers import free_port, start_s3_server
 from tests.upstream import Upstream, make_big_repo, make_rich_repo

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from gitcache.config import ConfigError, config_from_dict, load_config
+from gitcache.config import ConfigError
 from gitcache.config_values import parse_duration, parse_size
+from gitcache.settings import (
+    ENV_NAMES,
+    config_from_dict,
+    dump_config,
+    load_config,
+    markdown_table,
+    settings,
+)
 
 UPSTREAMS = {"upstreams": {"github.com": {"url": "https://github.com/{repo}.git"}}}
 
@@ -110,3 +118,66 @@ def test_s3_settings() -> None:
         {**UPSTREAMS, "cache": {"backend": "s3", "s3": {"bucket": "b", "part_size": "8MiB"}}}
     )
     assert config.cache.s3.part_size == 8 * 1024**2
+
+
+def test_readme_table_is_the_declarations() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("| key | default | meaning |")
+    end = readme.index("<!-- end of the table -->")
+    assert readme[start:end].strip() == markdown_table()
+
+
+def test_every_key_has_an_environment_name_and_help() -> None:
+    for path, field in settings():
+        assert field.description, ".".join(path)
+    assert ENV_NAMES["GITCACHE_CACHE_DISK_MAX_SIZE"] == ("cache", "disk", "max_size")
+    assert ENV_NAMES["GITCACHE_CACHE_S3_REDIRECT"] == ("cache", "s3", "redirect")
+
+
+def test_environment_overrides_are_typed() -> None:
+    config = config_from_dict(
+        {**UPSTREAMS, "cache": {"s3": {"bucket": "b"}}},
+        {
+            "GITCACHE_CACHE_S3_REDIRECT": "true",
+            "GITCACHE_REFRESH_PINNED": '["github.com/org/repo"]',
+            "GITCACHE_MIRRORS_FETCH_INTERVAL": "90s",
+            "GITCACHE_SERVER_STATE_DIR": "/srv/gitcache",
+            "GITCACHE_LOG_LEVEL": "debug",
+            "GITCACHE_URL": "http://gitcache:8080",  # the client's: not a setting
+        },
+    )
+    assert config.cache.s3.redirect is True
+    assert config.refresh.pinned == ("github.com/org/repo",)
+    assert config.mirrors.fetch_interval == 90
+    assert config.server.state_dir == Path("/srv/gitcache")
+    assert config.log.level == "DEBUG"
+    with pytest.raises(ConfigError, match=r"cache\.s3\.redirect: "):
+        config_from_dict(UPSTREAMS, {"GITCACHE_CACHE_S3_REDIRECT": "maybe"})
+
+
+def test_a_misspelt_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="GITCACHE_SERVER_LISTNE: no such setting"):
+        config_from_dict(UPSTREAMS, {"GITCACHE_SERVER_LISTNE": "0.0.0.0:1"})
+    # A secret the config itself names may carry the prefix.
+    named = {"upstreams": {"github.com": {"url": "https://github.com/{repo}.git"}}}
+    named["upstreams"]["github.com"]["token_env"] = "GITCACHE_GITHUB_TOKEN"
+    config = config_from_dict(named, {"GITCACHE_GITHUB_TOKEN": "t0ken"})
+    assert config.upstreams["github.com"].token == "t0ken"
+
+
+def test_check_config_output_loads_back(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("hook-secret\n")
+    data = {
+        **UPSTREAMS,
+        "server": {"drain_delay": "250ms"},
+        "cache": {"backend": "tiered", "s3": {"bucket": "b"}},  # endpoint_url stays empty
+        "refresh": {"pinned": ["github.com/org/repo"]},
+        "hooks": {"github": {"secret_file": str(secret)}},
+    }
+    config = config_from_dict(data)
+    dumped = dump_config(config)
+    assert "hook-secret" not in dumped
+    path = tmp_path / "dumped.toml"
+    path.write_text(dumped)
+    assert load_config(path, environ={}) == config

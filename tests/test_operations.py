@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from gitcache.app import create_app
-from gitcache.config import Config, load_config
+from gitcache.config import Config
+from gitcache.settings import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "gitcache.json"

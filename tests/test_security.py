@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gitcache.config import ConfigError, config_from_dict
+from gitcache.config import ConfigError
 from gitcache.errors import BadRequest, NotFound
 from gitcache.mirror import addresses
 from gitcache.mirror.addresses import is_public, lookup
 from gitcache.repo import _SEGMENT, parse_ref, parse_repo
+from gitcache.settings import config_from_dict
 from tests.helpers import HOST, Clock, processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
 

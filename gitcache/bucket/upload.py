@@ -1,14 +1,6 @@
-"""A multipart upload fed from a file while it is written (a generation's spool), or from
-a whole file.
-
-Parts are not copied into memory: each part's body is a window onto the file that the
-HTTP client reads 64 KiB at a time as it sends (and botocore reads once more to sign), so
-what an upload holds is a few small buffers per part in flight, whatever ``part_size``
-is. ``upload_concurrency`` parts are in flight at most; a slow S3 leaves the rest in the
-file, not in memory. Each part is hashed as it is cut; the upload is completed only when
-the writer hands over the verified record and size and sha256 match it. Any failure or
-an abort cancels it with ``AbortMultipartUpload``: nothing half-written is ever visible.
-"""
+"""A multipart upload fed from a file while it is written (or from a whole file): parts
+read from the file as they are sent, hashed as they are cut, completed only when size and
+sha256 match what the writer verified; any failure aborts it, leaving nothing visible."""
 
 from __future__ import annotations
 

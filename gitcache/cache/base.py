@@ -1,11 +1,5 @@
-"""The cache protocol every tier implements, and the value it stores.
-
-A tier stores complete, verified snapshot files and a per-repository manifest describing
-them. Nothing partial is ever visible: a generation commits its spool only after the size
-and sha256 were checked, and the tier makes it visible atomically. A tier that copies the
-bytes elsewhere (S3) starts that copy as the spool is written (:meth:`Cache.begin`) and
-completes it only at the commit, with the verified entry.
-"""
+"""The protocol every cache tier implements, and :class:`Entry`, what it stores: complete,
+verified snapshot files made visible atomically, listed in a per-repository manifest."""
 
 from __future__ import annotations
 

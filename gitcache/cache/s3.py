@@ -1,14 +1,5 @@
-"""The S3 tier: ``<host>/<repo slug>/<key>.tar.zst`` and ``manifest.json`` in the bucket
-every replica shares (under ``cache.s3.prefix``).
-
-A snapshot is uploaded while it is generated (a :class:`MultipartUpload` reading the
-spool), completed only when size and sha256 match the verified spool. The object is
-written first, then its entry beside it (``<key>.entry.json``), then the manifest, last,
-with a conditional write (``If-Match`` on the manifest's ETag, ``If-None-Match: *`` for a
-new one) retried on conflict, so two replicas never lose each other's entries. A missing
-or unreadable manifest is rebuilt from a listing of the repository's prefix and those
-entries, and written back.
-"""
+"""The S3 tier: ``<host>/<repo slug>/<key>.tar.zst``, its entry beside it and the
+repository's ``manifest.json`` (written last, conditionally), in the shared bucket."""
 
 from __future__ import annotations
 

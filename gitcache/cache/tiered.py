@@ -1,13 +1,5 @@
-"""Disk in front of S3: hits from local disk when they can be, from the shared bucket when
-not, and every snapshot ends up in both.
-
-- A new snapshot is uploaded to S3 while it is generated (the upload reads the spool);
-  at the end it is committed to disk at once (its clients see the end of their stream
-  right after) and the upload completes in the background.
-- An S3 hit streams to the client while it fills the disk tier: the bytes are teed into a
-  spool, hashed, and committed to disk only if the whole object arrived and its sha256
-  matches the entry. A partial or ranged read fills nothing.
-"""
+"""Disk in front of S3: hits from disk when they can be, from the bucket when not (filling
+the disk on the way, if the bytes match), and every snapshot ends up in both."""
 
 from __future__ import annotations
 

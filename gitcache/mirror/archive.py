@@ -1,14 +1,6 @@
-"""Mirror archives in the shared bucket: a tar.zst of a bare mirror, so that a replica
-with no mirror of a repository restores one and fetches only what is new, instead of
-cloning the whole repository from the upstream.
-
-``<prefix>mirrors/<host>/<repo slug>.tar.zst``, and its entry beside it (size, sha256,
-the refs digest it holds), written after the object: a replica that finds the entry finds
-a complete object. An archive is made from the mirror's files pinned under its read lock
-(hard links: milliseconds), so a fetch is never held up while the archive is compressed and
-uploaded; it is replaced only when the mirror's refs have moved since. A restore checks the
-archive's size and sha256 before it unpacks it.
-"""
+"""Mirror archives in the shared bucket (``mirrors/<host>/<repo slug>.tar.zst`` and its
+:class:`ArchiveRecord`), so a replica without a mirror restores one and fetches only what
+is new instead of cloning."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""Build a snapshot's tar straight from a bare mirror: no temporary checkout.
-
-    .git/HEAD, config, packed-refs, refs/…, info/exclude   generated in memory
-    .git/objects/…                                        the mirror's packs and loose
-                                                          objects, hard-linked (pinned)
-    .git/index                                            git read-tree into a temp file
-    <working tree>                                        git archive, passed through
-
-The first bytes leave as soon as the small files are framed, whatever the repository's
-size. Pinning (hard-linking the object files into the generation's work directory) is the
-only step under the mirror's read lock; after it, a repack may delete the mirror's files
-without touching the ones the snapshot is made of.
-"""
+"""A snapshot's tar, built straight from a bare mirror (no temporary checkout): the
+``.git`` files generated in memory, the mirror's packs pinned by hard links, the index from
+``git read-tree``, the working tree from ``git archive``. See docs/architecture.md."""
 
 from __future__ import annotations
 

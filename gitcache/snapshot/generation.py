@@ -1,12 +1,6 @@
-"""One generation: a snapshot's tar stream compressed with zstd into a spool file, which
-every client of that snapshot tails, the first and any that join later.
-
-The generation runs as an application task and never waits for a reader: readers follow
-the spool file at their own pace from their own file descriptor, so a slow or vanished
-client costs nothing. The spool is hashed while written, verified (size and sha256, read
-back from disk) at the end, and only then do readers see the end of the stream; on failure
-they get an error instead, and the spool is removed.
-"""
+"""One generation's spool: :class:`SpoolWriter` compresses into it, :class:`Generation`
+is its shared state, :class:`SpoolReader` is one client's view of it as it grows (see
+docs/architecture.md, "Generations")."""
 
 from __future__ import annotations
 

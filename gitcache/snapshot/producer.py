@@ -50,6 +50,13 @@ class Producer:
             lambda: sum(g.readers for g in self.running.values())
         )
 
+    def clean_leftovers(self) -> None:
+        """At start-up, before anything runs: spools and temporary directories of a
+        previous process are incomplete by definition."""
+        for directory in (self._spool_dir, self._tmp_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
+
     def start(
         self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
     ) -> Generation:

@@ -1,20 +1,10 @@
-"""From a validated request to the bytes of a snapshot: a hit from the cache, a follower
-of a running generation, or a new generation (a miss).
-
-    newest cached entry for the ref, still fresh  ──yes──► hit
-    (or any age, for a commit id)?
-    │no
-    mirror.ensure (clone / fetch when stale) → resolve the ref → key
-    generation running for the key?  ──yes──► follower
-    cached entry for the key?        ──yes──► hit (and it is fresh again)
-    start a generation               ───────► miss
-"""
+"""From a validated request to the bytes of a snapshot: a hit, a follower of a running
+generation, or a new one (the flow is drawn in docs/architecture.md)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -111,19 +101,9 @@ class SnapshotService:
         self._metrics = metrics
         self._mirrors = mirrors
         self._cache = cache
-        self._tasks = tasks
         self._clock = clock
-        self._spool_dir = config.server.paths.spool
-        self._tmp_dir = config.server.paths.tmp
-        self._producer = Producer(config, cache, tasks, metrics, clock)
-        self._generations = self._producer.running
-
-    def clean_leftovers(self) -> None:
-        """At start-up, before anything runs: spools and temp dirs of a previous process
-        are incomplete by definition."""
-        for directory in (self._spool_dir, self._tmp_dir):
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True, exist_ok=True)
+        self.producer = Producer(config, cache, tasks, metrics, clock)
+        self._generations = self.producer.running
 
     @property
     def generations_started(self) -> int:
@@ -219,7 +199,7 @@ class SnapshotService:
             return stream
         if want is Want.HEADERS:
             return Stream(checkout.commit, Source.MISS, None, mirror.fetched_at)
-        generation = self._producer.start(repo, mirror, spec, checkout, key)
+        generation = self.producer.start(repo, mirror, spec, checkout, key)
         body = generation.reader() if want is Want.BODY else None
         return Stream(checkout.commit, Source.MISS, body, mirror.fetched_at)
 
