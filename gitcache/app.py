@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ SCRUB_LEASE = 86400.0  # a scrub claim when no interval is set (a pass run by ha
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive."""
     return web.json_response({"status": "ok"})
+
+
+async def client_py(request: web.Request) -> web.Response:
+    """The restore client, for runners without gitcache installed:
+    ``curl -sf http://gitcache:8080/client.py | python3 - clone REPOSITORY``."""
+    source = resources.files("gitcache").joinpath("client.py").read_text("utf-8")
+    return web.Response(text=source, content_type="text/x-python")
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -202,6 +210,7 @@ def create_app(
 def _add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/client.py", client_py)
     # prometheus-client's own handler: OpenMetrics when asked for, gzip when accepted.
     app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
     snapshots_route = app.router.add_get(SNAPSHOT_ROUTE, snapshot).resource

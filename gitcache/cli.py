@@ -1,4 +1,4 @@
-"""``gitcache serve`` and ``gitcache check-config``."""
+"""``gitcache serve``, ``gitcache check-config`` and ``gitcache clone`` (the client)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gitcache import keys
+from gitcache import client, keys
 from gitcache.app import create_app
 from gitcache.auth import Tokens
 from gitcache.config import Config, ConfigError
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["clone"]:  # the client: the very module served at /client.py
+        return client.main(argv)
     parser = argparse.ArgumentParser(prog="gitcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (

@@ -1,0 +1,344 @@
+"""gitcache clone: restore a snapshot from a gitcache server into a directory, safely, or
+fall back to ``git clone`` when the server cannot be reached.
+
+One module, Python 3.9+ standard library only, ``git`` and ``zstd`` on the PATH: a CI
+runner uses it without installing anything (``curl -sf http://gitcache:8080/client.py |
+python3 - clone …``). It imports nothing from the server.
+
+Correct or nothing: the download is hashed as it streams (a hit's size and sha256 must
+match its ``Content-Length`` and ``ETag``; a miss's chunked stream must end properly),
+``zstd -d`` checks every frame's checksum, the tar is extracted into a temporary sibling
+of the target that no member may escape, and only when all of that held is it renamed
+into place. Any failure leaves neither the target nor the temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+CHUNK = 1024 * 1024
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
+class Failed(Exception):
+    """The clone failed; the message is the one line the user sees."""
+
+
+class ServerDown(Failed):
+    """gitcache could not be reached or answered 5xx: ``git clone`` may stand in."""
+
+
+# --- what to clone ----------------------------------------------------------------------
+
+
+def parse_repository(text: str) -> tuple[str, str, str]:
+    """``https://github.com/org/repo``, ``git@github.com:org/repo.git`` or
+    ``github.com/org/repo`` → (``github.com``, ``org/repo``, the URL ``git clone`` would
+    use: the one given, or ``https://…`` for the bare form)."""
+    scp = re.fullmatch(r"[\w.-]+@([\w.-]+):(.+)", text)
+    if scp:
+        host, path, url = scp.group(1), scp.group(2), text
+    else:
+        parts = urllib.parse.urlsplit(text if "://" in text else "https://" + text)
+        host, path = parts.netloc.rpartition("@")[2], parts.path
+        url = text if "://" in text else ""
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[: -len(".git")]
+    if not host or not path or ".." in path.split("/"):
+        raise Failed(f"not a repository: {text!r} (expected https://HOST/PATH or HOST/PATH)")
+    return host.lower(), path, url or f"https://{host}/{path}.git"
+
+
+def snapshot_url(server: str, host: str, path: str, ref: str | None, max_age: int | None) -> str:
+    query = {}
+    if ref:
+        query["ref"] = ref
+    if max_age is not None:
+        query["max_age"] = str(max_age)
+    url = f"{server.rstrip('/')}/git/{host}/{urllib.parse.quote(path)}/snapshot.tar.zst"
+    return url + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+# --- download and verify ----------------------------------------------------------------
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr: a bar on a terminal, a line every few seconds
+    otherwise (CI logs), nothing with ``--quiet``."""
+
+    def __init__(self, total: int | None, quiet: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.started = self.shown = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.quiet or now - self.shown < (0.2 if self.tty else PROGRESS_EVERY):
+            return
+        self.shown = now
+        self._show(now)
+
+    def _show(self, now: float) -> None:
+        rate = self.done / max(now - self.started, 1e-6)
+        text = f"{self.done / 1e6:8.1f} MB  {rate / 1e6:6.1f} MB/s"
+        if self.total:
+            left = (self.total - self.done) / rate if rate else 0
+            text = f"{100 * self.done / self.total:5.1f}% {text}  ETA {left:4.0f}s"
+        sys.stderr.write(("\r" + text) if self.tty else text + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if not self.quiet and self.tty:
+            self._show(time.monotonic())
+            sys.stderr.write("\n")
+
+
+def open_snapshot(url: str, token: str | None) -> http.client.HTTPResponse:
+    """The server's response; :class:`ServerDown` if it cannot answer, :class:`Failed`
+    (no fallback) for a 4xx, whose JSON error says why."""
+    # http(s) only: the server URL was checked in clone().
+    request = urllib.request.Request(url, headers={"User-Agent": "gitcache-client"})  # noqa: S310
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        response: http.client.HTTPResponse = urllib.request.urlopen(  # noqa: S310
+            request, timeout=60
+        )
+        return response
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(4096).decode("utf-8", "replace")
+        match = re.search(r'"error":\s*"([^"]*)"', detail)
+        reason = match.group(1) if match else exc.reason
+        if exc.code >= 500:
+            raise ServerDown(f"gitcache answered {exc.code}: {reason}") from None
+        raise Failed(f"gitcache answered {exc.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServerDown(f"gitcache cannot be reached: {getattr(exc, 'reason', exc)}") from None
+
+
+def verified_chunks(response: http.client.HTTPResponse, progress: Progress) -> Iterator[bytes]:
+    """The body in chunks, hashed; raises :class:`Failed` at the end unless it is whole:
+    a hit's size and sha256 (its ETag) must match, a miss's chunked stream must end."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        while True:
+            chunk = response.read(CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            progress.add(len(chunk))
+            yield chunk
+    except (http.client.IncompleteRead, OSError) as exc:
+        raise Failed(f"the download was cut after {size} bytes ({exc})") from None
+    length = response.headers.get("Content-Length")
+    if length is not None and int(length) != size:
+        raise Failed(f"the download was cut: {size} of {length} bytes")
+    etag = (response.headers.get("ETag") or "").strip('"')
+    if re.fullmatch(r"[0-9a-f]{64}", etag) and digest.hexdigest() != etag:
+        raise Failed("the download does not match its checksum (ETag)")
+
+
+# --- extract ------------------------------------------------------------------------------
+
+
+def _safe(member: tarfile.TarInfo, root: Path) -> None:
+    """Refuse what could write outside ``root``: absolute names, ``..``, hard links,
+    devices, and any path through a symlink already extracted."""
+    name = member.name
+    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        raise Failed(f"refused an unsafe path in the snapshot: {name!r}")
+    if member.islnk() or not (member.isfile() or member.isdir() or member.issym()):
+        raise Failed(f"refused a link or device in the snapshot: {name!r}")
+    if (root / name).is_symlink():  # writing there would follow the link
+        raise Failed(f"refused a path through a symlink in the snapshot: {name!r}")
+    parent = root
+    for part in Path(name).parts[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            raise Failed(f"refused a path through a symlink in the snapshot: {name!r}")
+
+
+# Members are checked above; Pythons that have extraction filters must not warn about it.
+_TRUSTED: dict[str, Any] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+)
+
+
+def extract(stream: IO[bytes], root: Path) -> None:
+    """Extract the tar read from ``stream`` into the existing directory ``root``."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            _safe(member, root)
+            if member.issym():  # kept as git would check it out, wherever it points
+                target = root / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(member.linkname, target)
+                continue
+            tar.extract(member, root, set_attrs=member.isfile(), **_TRUSTED)
+
+
+def restore(chunks: Iterator[bytes], root: Path) -> None:
+    """``zstd -d`` the chunks and extract the tar into ``root``, as one pipeline."""
+    with tempfile.TemporaryFile() as complaints:  # zstd's own words, for the reason
+        code, failure = _pipeline(chunks, root, complaints)
+        complaints.seek(0)
+        said = complaints.read().decode("utf-8", "replace").strip().splitlines()
+    if failure:
+        first = failure[0]
+        raise first if isinstance(first, Failed) else Failed(str(first))
+    if code != 0:
+        raise Failed(f"zstd -d failed, the snapshot is damaged: {said[-1] if said else code}")
+
+
+def _pipeline(
+    chunks: Iterator[bytes], root: Path, complaints: IO[bytes]
+) -> tuple[int, list[BaseException]]:
+    """Feed ``zstd -d`` from a thread, extract its output here; zstd's exit status and
+    what failed (the download, or the tar)."""
+    zstd = subprocess.Popen(
+        ["zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=complaints
+    )
+    assert zstd.stdin is not None and zstd.stdout is not None
+    failure: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            for chunk in chunks:
+                zstd.stdin.write(chunk)  # type: ignore[union-attr]
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                zstd.stdin.close()  # type: ignore[union-attr]
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        extract(zstd.stdout, root)
+    except tarfile.TarError as exc:
+        failure.append(Failed(f"the snapshot is not a complete tar: {exc}"))
+    except Failed as exc:
+        failure.insert(0, exc)
+    finally:
+        zstd.stdout.close()
+        if failure:
+            zstd.kill()
+        feeder.join()
+        code = zstd.wait()
+    return code, failure
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def clone(args: argparse.Namespace) -> int:
+    host, path, upstream = parse_repository(args.repository)
+    target = Path(args.directory or path.rsplit("/", 1)[-1]).absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise Failed(f"destination path '{target}' already exists and is not an empty directory")
+    if args.depth is not None:
+        raise Failed("--depth needs shallow snapshots, which this gitcache does not build yet")
+    server = args.server or os.environ.get("GITCACHE_URL")
+    if not server:
+        raise Failed("no server: pass --server URL or set GITCACHE_URL")
+    if not server.startswith(("http://", "https://")):
+        raise Failed(f"the server must be an http:// or https:// URL, not {server!r}")
+    token = os.environ.get(args.token_env) if args.token_env else None
+    try:
+        return from_gitcache(args, server, host, path, target, token)
+    except ServerDown as exc:
+        if args.no_fallback:
+            raise
+        print(f"gitcache: {exc}; cloning {upstream} with git instead", file=sys.stderr)
+        command = ["git", "clone", "--quiet"] if args.quiet else ["git", "clone"]
+        if args.ref:
+            command += ["--branch", args.ref]
+        return subprocess.call([*command, "--", upstream, str(target)])
+
+
+def from_gitcache(
+    args: argparse.Namespace, server: str, host: str, path: str, target: Path, token: str | None
+) -> int:
+    url = snapshot_url(server, host, path, args.ref, args.max_age)
+    response = open_snapshot(url, token)
+    temporary = target.parent / f".{target.name}.gitcache-{os.getpid()}"
+    try:
+        temporary.mkdir(parents=True)
+        length = response.headers.get("Content-Length")
+        progress = Progress(int(length) if length else None, args.quiet)
+        restore(verified_chunks(response, progress), temporary)
+        progress.finish()
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        temporary.rename(target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    finally:
+        response.close()
+    headers = response.headers
+    if not args.quiet:
+        print(
+            f"gitcache: {target.name} at {headers.get('X-Gitcache-Commit', '?')[:12]} "
+            f"({headers.get('X-Gitcache-Source', '?')}, fetched "
+            f"{headers.get('X-Gitcache-Age', '?')}s ago)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="gitcache", description=__doc__.split("\n\n")[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    sub = commands.add_parser("clone", help="restore a snapshot into a directory")
+    sub.add_argument("repository", help="https://HOST/PATH, git@HOST:PATH or HOST/PATH")
+    sub.add_argument("directory", nargs="?", help="where to (default: the repository's name)")
+    sub.add_argument("--server", help="gitcache's URL (default: $GITCACHE_URL)")
+    sub.add_argument("--ref", help="branch, tag or full commit id (default: the default branch)")
+    sub.add_argument("--depth", type=int, help="a shallow clone (not built by gitcache yet)")
+    sub.add_argument("--max-age", type=int, help="seconds: how fresh the snapshot must be")
+    sub.add_argument("--token-env", help="environment variable holding a gitcache token")
+    sub.add_argument("--no-fallback", action="store_true", help="never fall back to git clone")
+    sub.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return clone(args)
+    except Failed as exc:
+        print(f"gitcache: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gitcache: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``gitcache clone``, run as a user runs it (a separate Python process, standard library
+only) against a real gitcache and a real git upstream, and against servers that misbehave."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import hashlib
+import io
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from aiohttp import web
+
+from gitcache import client as client_module
+from tests.helpers import HOST, snapshot_url, status, tree
+from tests.upstream import Upstream, agit, git
+
+CLIENT = str(Path(client_module.__file__))
+
+
+async def run_client(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
+    """The client as its own process: (exit status, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        CLIENT if stdin is None else "-",
+        "clone",
+        "--quiet",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+def base(test_client: Any) -> str:
+    return str(test_client.make_url("/")).rstrip("/")
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_a_clone_equals_git_clone(
+    client: Any, upstream: Upstream, rich: str, scratch: Path
+) -> None:
+    tmp_path = scratch
+    code, err = await run_client("--server", base(client), f"{HOST}/{rich}", str(tmp_path / "a"))
+    assert code == 0, err
+    await agit("clone", "-q", upstream.url(rich), str(tmp_path / "b"))
+    ours, theirs = tmp_path / "a", tmp_path / "b"
+    assert tree(ours) == tree(theirs)  # contents, exec bits, symlinks
+    refs = ["for-each-ref", "--format=%(refname) %(objectname)"]
+    assert git(*refs, cwd=ours) == git(*refs, cwd=theirs)
+    git("fsck", "--no-progress", cwd=ours)
+    assert status(ours) == ""
+    assert git("remote", "get-url", "origin", cwd=ours).strip() == upstream.url(rich)
+    assert leftovers(tmp_path) == ["a", "b"]  # no temporary directory
+
+
+async def test_the_served_client_runs_from_stdin(client: Any, rich: str, scratch: Path) -> None:
+    tmp_path = scratch
+    source = await (await client.get("/client.py")).read()
+    code, err = await run_client(
+        "--server", base(client), f"{HOST}/{rich}", str(tmp_path / "a"), stdin=source
+    )
+    assert code == 0, err
+    assert (tmp_path / "a" / "README.md").exists()
+
+
+async def test_refusals_touch_nothing(client: Any, rich: str, scratch: Path) -> None:
+    tmp_path = scratch
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("mine")
+    code, err = await run_client("--server", base(client), f"{HOST}/{rich}", str(taken))
+    assert code == 1 and "already exists" in err
+    assert (taken / "file").read_text() == "mine"
+    code, err = await run_client("--server", base(client), "--depth", "1", f"{HOST}/{rich}")
+    assert code == 1 and "--depth" in err
+    code, err = await run_client("--server", base(client), f"{HOST}/no/such", str(tmp_path / "x"))
+    assert code == 1 and "404" in err and "git clone" not in err  # no fallback on a 4xx
+    assert leftovers(tmp_path) == ["taken"]
+
+
+async def test_gitcache_down_falls_back_to_git_clone(
+    upstream: Upstream, rich: str, scratch: Path
+) -> None:
+    tmp_path = scratch
+    down = "http://127.0.0.1:9"  # nothing listens there
+    code, err = await run_client("--server", down, upstream.url(rich), str(tmp_path / "a"))
+    assert code == 0, err
+    assert "cloning" in err and "git instead" in err
+    git("fsck", "--no-progress", cwd=tmp_path / "a")
+    code, err = await run_client(
+        "--server", down, "--no-fallback", upstream.url(rich), str(tmp_path / "b")
+    )
+    assert code == 1 and "cannot be reached" in err
+    assert leftovers(tmp_path) == ["a"]
+
+
+async def serve_bytes(aiohttp_server: Any, body: bytes, **headers: str) -> str:
+    """A server that answers every snapshot with ``body`` (whatever its headers say)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers=headers)
+        if "Content-Length" in headers:
+            response.content_length = int(headers["Content-Length"])
+        await response.prepare(request)
+        await response.write(body)
+        if "Content-Length" in headers and int(headers["Content-Length"]) > len(body):
+            assert request.transport is not None
+            request.transport.close()  # cut: the client must notice
+        else:
+            await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_a_cut_or_damaged_download_leaves_nothing(
+    client: Any, rich: str, scratch: Path, aiohttp_server: Any
+) -> None:
+    tmp_path = scratch
+    good = await (await client.get(snapshot_url(rich))).read()
+    etag = '"' + hashlib.sha256(good).hexdigest() + '"'
+    half = len(good) // 2
+    flipped = good[:half] + bytes([good[half] ^ 1]) + good[half + 1 :]
+    cases = {
+        "cut": (good[: len(good) // 2], {"Content-Length": str(len(good))}),
+        "flipped, with its ETag": (flipped, {"Content-Length": str(len(good)), "ETag": etag}),
+        "flipped, streamed": (flipped, {}),
+    }
+    for name, (body, headers) in cases.items():
+        server = await serve_bytes(aiohttp_server, body, **headers)
+        code, err = await run_client("--server", server, f"{HOST}/{rich}", str(tmp_path / "a"))
+        assert code == 1, name
+        assert err.startswith("gitcache: ") and len(err.strip().splitlines()) == 1, err
+        assert leftovers(tmp_path) == [], name
+
+
+def malicious(member: str, *, link: str | None = None, then: str | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo(member)
+        if link is not None:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tar.addfile(info)
+        else:
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"evil\n"))
+        if then is not None:
+            follow = tarfile.TarInfo(then)
+            follow.size = 5
+            tar.addfile(follow, io.BytesIO(b"evil\n"))
+    return zstandard.ZstdCompressor(write_checksum=True).compress(out.getvalue())
+
+
+async def test_a_malicious_tar_writes_nothing_outside(tmp_path: Path, aiohttp_server: Any) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    for body in (
+        malicious("../escaped"),
+        malicious(str(outside / "absolute")),
+        malicious("link", link=str(outside), then="link/through"),
+        malicious("file-link", link=str(outside / "target"), then="file-link"),
+    ):
+        server = await serve_bytes(aiohttp_server, body)
+        code, err = await run_client("--server", server, f"{HOST}/group/x", str(work / "a"))
+        assert code == 1 and "refused" in err, err
+        assert leftovers(outside) == [] and leftovers(work) == []
+    assert leftovers(tmp_path) == ["outside", "work"]
+
+
+def test_the_client_needs_only_the_standard_library() -> None:
+    source = Path(CLIENT).read_text()
+    tree = ast.parse(source, feature_version=(3, 9))  # and it parses as Python 3.9
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported - {"__future__"} <= sys.stdlib_module_names
