@@ -38,6 +38,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.upload
 	$(BIN)/python -m bench.mirror
 	$(BIN)/python -m bench.s3miss
+	$(BIN)/python -m bench.clone
 
 clean:
 	rm -rf $(VENV) .gitcache .pytest_cache .mypy_cache .ruff_cache

@@ -15,13 +15,17 @@ into place. Any failure leaves neither the target nor the temporary directory be
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import http.client
+import itertools
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -36,6 +40,9 @@ from pathlib import Path
 from typing import IO, Any
 
 CHUNK = 1024 * 1024
+SEGMENT = 8 * 1024 * 1024  # what one ranged request fetches of a hit
+PARALLEL = 4  # ranged requests at once (and segments held in memory at most)
+RETRIES = 3  # times a dropped connection is resumed
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -116,11 +123,15 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def open_snapshot(url: str, token: str | None) -> http.client.HTTPResponse:
+def open_snapshot(
+    url: str, token: str | None, headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     """The server's response; :class:`ServerDown` if it cannot answer, :class:`Failed`
     (no fallback) for a 4xx, whose JSON error says why."""
     # http(s) only: the server URL was checked in clone().
     request = urllib.request.Request(url, headers={"User-Agent": "gitcache-client"})  # noqa: S310
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -139,28 +150,108 @@ def open_snapshot(url: str, token: str | None) -> http.client.HTTPResponse:
         raise ServerDown(f"gitcache cannot be reached: {getattr(exc, 'reason', exc)}") from None
 
 
-def verified_chunks(response: http.client.HTTPResponse, progress: Progress) -> Iterator[bytes]:
-    """The body in chunks, hashed; raises :class:`Failed` at the end unless it is whole:
-    a hit's size and sha256 (its ETag) must match, a miss's chunked stream must end."""
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        while True:
-            chunk = response.read(CHUNK)
-            if not chunk:
+class Download:
+    """A snapshot's bytes, in order, verified at the end.
+
+    The first request asks for the first segment. A hit answers 206 with its size and
+    ETag: the rest comes in segments fetched by up to ``PARALLEL`` threads, still handed
+    over in order (at most ``PARALLEL`` segments held), each resumed with ``Range`` and
+    ``If-Range`` where its connection dropped. A miss (streamed while it is made) answers
+    200 with no size: it is read as it comes and cannot be resumed."""
+
+    def __init__(self, url: str, token: str | None, quiet: bool) -> None:
+        self.url, self.token = url, token
+        self.first = open_snapshot(url, token, {"Range": f"bytes=0-{SEGMENT - 1}"})
+        self.headers = self.first.headers
+        self.etag = self.headers.get("ETag", "")
+        self.size: int | None = None
+        if self.first.status == 206:
+            self.size = int(self.headers.get("Content-Range", "/0").rpartition("/")[2])
+        elif self.headers.get("Content-Length") is not None:
+            self.size = int(self.headers["Content-Length"])
+        self.progress = Progress(self.size, quiet)
+        self._digest = hashlib.sha256()
+        self._received = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        ranged = self.first.status == 206
+        pieces = self._segments() if ranged else self._stream(self.first, 0)
+        for piece in pieces:
+            self._digest.update(piece)
+            self._received += len(piece)
+            self.progress.add(len(piece))
+            yield piece
+        self._check()
+
+    def _check(self) -> None:
+        if self.size is not None and self._received != self.size:
+            raise Failed(f"the download was cut: {self._received} of {self.size} bytes")
+        etag = self.etag.strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", etag) and self._digest.hexdigest() != etag:
+            raise Failed("the download does not match its checksum (ETag)")
+
+    def _stream(self, response: http.client.HTTPResponse, start: int) -> Iterator[bytes]:
+        """A whole response's body from ``start``; resumed where it dropped, if the
+        server said what it is (size and ETag)."""
+        position = start
+        for attempt in range(RETRIES + 1):
+            try:
+                while chunk := response.read(CHUNK):
+                    position += len(chunk)
+                    yield chunk
+                return
+            except (http.client.HTTPException, OSError) as exc:
+                response.close()
+                if self.size is None or not self.etag or attempt == RETRIES:
+                    raise Failed(f"the download was cut after {position} bytes ({exc})") from None
+                response = self._resume(position, self.size - 1)
+
+    def _resume(self, start: int, end: int) -> http.client.HTTPResponse:
+        """The bytes from ``start`` to ``end`` of the same snapshot, or :class:`Failed`."""
+        headers = {"Range": f"bytes={start}-{end}", "If-Range": self.etag}
+        response = open_snapshot(self.url, self.token, headers)
+        if response.status != 206 or not response.headers.get("Content-Range", "").startswith(
+            f"bytes {start}-"
+        ):
+            response.close()
+            raise Failed("the snapshot changed on the server during the download")
+        return response
+
+    def _segment(self, start: int, end: int, response: http.client.HTTPResponse | None) -> bytes:
+        """``start``..``end`` whole, resumed where a connection dropped."""
+        parts: list[bytes] = []
+        got = 0
+        for attempt in range(RETRIES + 1):
+            if response is None:
+                response = self._resume(start + got, end)
+            try:
+                while chunk := response.read(CHUNK):
+                    parts.append(chunk)
+                    got += len(chunk)
+                if got == end - start + 1:
+                    return b"".join(parts)
+            except (http.client.HTTPException, OSError):
+                pass
+            response.close()
+            response = None
+            if attempt == RETRIES:
                 break
-            digest.update(chunk)
-            size += len(chunk)
-            progress.add(len(chunk))
-            yield chunk
-    except (http.client.IncompleteRead, OSError) as exc:
-        raise Failed(f"the download was cut after {size} bytes ({exc})") from None
-    length = response.headers.get("Content-Length")
-    if length is not None and int(length) != size:
-        raise Failed(f"the download was cut: {size} of {length} bytes")
-    etag = (response.headers.get("ETag") or "").strip('"')
-    if re.fullmatch(r"[0-9a-f]{64}", etag) and digest.hexdigest() != etag:
-        raise Failed("the download does not match its checksum (ETag)")
+        raise Failed(f"the download was cut at byte {start + got}, retried {RETRIES} times")
+
+    def _segments(self) -> Iterator[bytes]:
+        assert self.size is not None
+        bounds = [(a, min(a + SEGMENT, self.size) - 1) for a in range(0, self.size, SEGMENT)]
+        yield self._segment(*bounds[0], self.first)
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            ahead: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+            rest = iter(bounds[1:])
+            for start, end in itertools.islice(rest, PARALLEL):
+                ahead.append(pool.submit(self._segment, start, end, None))
+            while ahead:
+                piece = ahead.popleft().result()
+                for start, end in itertools.islice(rest, 1):
+                    ahead.append(pool.submit(self._segment, start, end, None))
+                yield piece
 
 
 # --- extract ------------------------------------------------------------------------------
@@ -240,6 +331,10 @@ def _pipeline(
     feeder.start()
     try:
         extract(zstd.stdout, root)
+        # The tar ends before the stream does (padding): read it all, so zstd checks the
+        # last frame's checksum too and exits by itself, not on a broken pipe.
+        while zstd.stdout.read(CHUNK):
+            pass
     except tarfile.TarError as exc:
         failure.append(Failed(f"the snapshot is not a complete tar: {exc}"))
     except Failed as exc:
@@ -253,6 +348,64 @@ def _pipeline(
     return code, failure
 
 
+# --- the index's stat data ---------------------------------------------------------------
+
+_ENTRY = struct.Struct(">10I")  # ctime s/ns, mtime s/ns, dev, ino, mode, uid, gid, size
+
+
+def stamp_index(root: Path) -> bool:
+    """Write into ``root/.git/index`` the stat data of the files just extracted, which are
+    known to match it (their bytes were verified), so the first ``git status`` does not
+    rehash the whole tree. Each entry gets what ``lstat`` says now, exactly what a
+    checkout records, so a later change to a file is still seen. Whether it was done:
+    an index of a version this does not know is left as it is."""
+    path = root / ".git" / "index"
+    data = path.read_bytes()
+    if data[:4] != b"DIRC" or struct.unpack(">I", data[4:8])[0] not in (2, 3):
+        return False
+    hash_size = 32 if _object_format(root) == "sha256" else 20
+    out = bytearray(data[:12])
+    offset = 12
+    for _ in range(struct.unpack(">I", data[8:12])[0]):
+        fixed = _ENTRY.size + hash_size + 2
+        flags = struct.unpack(">H", data[offset + fixed - 2 : offset + fixed])[0]
+        extended = 2 if flags & 0x4000 else 0
+        name_at = offset + fixed + extended
+        name_end = data.index(b"\0", name_at)
+        length = (name_end + 1 - offset + 7) // 8 * 8  # NUL-padded to a multiple of 8
+        entry = bytearray(data[offset : offset + length])
+        name = data[name_at:name_end].decode("utf-8", "surrogateescape")
+        mode = _ENTRY.unpack_from(entry)[6]
+        if mode >> 12 != 0o16:  # not a gitlink (a submodule: nothing checked out there)
+            st = os.lstat(root / name)
+            fields = list(_ENTRY.unpack_from(entry))
+            fields[0:6] = (
+                int(st.st_ctime) & 0xFFFFFFFF,
+                st.st_ctime_ns % 1_000_000_000,
+                int(st.st_mtime) & 0xFFFFFFFF,
+                st.st_mtime_ns % 1_000_000_000,
+                st.st_dev & 0xFFFFFFFF,
+                st.st_ino & 0xFFFFFFFF,
+            )
+            fields[7:10] = (st.st_uid, st.st_gid, st.st_size & 0xFFFFFFFF)
+            _ENTRY.pack_into(entry, 0, *fields)
+        out += entry
+        offset += length
+    out += data[offset : len(data) - hash_size]  # extensions, as they are
+    digest = hashlib.sha256 if hash_size == 32 else hashlib.sha1
+    out += digest(out).digest()
+    temporary = path.with_name("index.gitcache")
+    temporary.write_bytes(out)
+    os.replace(temporary, path)
+    return True
+
+
+def _object_format(root: Path) -> str:
+    config = (root / ".git" / "config").read_text("utf-8", "replace")
+    match = re.search(r"objectformat\s*=\s*(\w+)", config, re.IGNORECASE)
+    return match.group(1).lower() if match else "sha1"
+
+
 # --- the command -------------------------------------------------------------------------
 
 
@@ -263,6 +416,8 @@ def clone(args: argparse.Namespace) -> int:
         raise Failed(f"destination path '{target}' already exists and is not an empty directory")
     if args.depth is not None:
         raise Failed("--depth needs shallow snapshots, which this gitcache does not build yet")
+    if args.via_proxy:
+        raise Failed("--via-proxy needs gitcache's git endpoint, which it does not serve yet")
     server = args.server or os.environ.get("GITCACHE_URL")
     if not server:
         raise Failed("no server: pass --server URL or set GITCACHE_URL")
@@ -285,14 +440,13 @@ def from_gitcache(
     args: argparse.Namespace, server: str, host: str, path: str, target: Path, token: str | None
 ) -> int:
     url = snapshot_url(server, host, path, args.ref, args.max_age)
-    response = open_snapshot(url, token)
+    download = Download(url, token, args.quiet)
     temporary = target.parent / f".{target.name}.gitcache-{os.getpid()}"
     try:
         temporary.mkdir(parents=True)
-        length = response.headers.get("Content-Length")
-        progress = Progress(int(length) if length else None, args.quiet)
-        restore(verified_chunks(response, progress), temporary)
-        progress.finish()
+        restore(download.chunks(), temporary)
+        download.progress.finish()
+        stamp_index(temporary)
         if target.exists():
             target.rmdir()  # empty, checked above
         temporary.rename(target)
@@ -300,8 +454,8 @@ def from_gitcache(
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     finally:
-        response.close()
-    headers = response.headers
+        download.first.close()
+    headers = download.headers
     if not args.quiet:
         print(
             f"gitcache: {target.name} at {headers.get('X-Gitcache-Commit', '?')[:12]} "
@@ -324,6 +478,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-age", type=int, help="seconds: how fresh the snapshot must be")
     sub.add_argument("--token-env", help="environment variable holding a gitcache token")
     sub.add_argument("--no-fallback", action="store_true", help="never fall back to git clone")
+    sub.add_argument(
+        "--via-proxy",
+        action="store_true",
+        help="later fetches through gitcache (not served by gitcache yet)",
+    )
     sub.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     return root
 

@@ -7,6 +7,8 @@ import ast
 import asyncio
 import hashlib
 import io
+import re
+import stat
 import sys
 import tarfile
 from pathlib import Path
@@ -84,6 +86,8 @@ async def test_refusals_touch_nothing(client: Any, rich: str, scratch: Path) -> 
     assert (taken / "file").read_text() == "mine"
     code, err = await run_client("--server", base(client), "--depth", "1", f"{HOST}/{rich}")
     assert code == 1 and "--depth" in err
+    code, err = await run_client("--server", base(client), "--via-proxy", f"{HOST}/{rich}")
+    assert code == 1 and "--via-proxy" in err
     code, err = await run_client("--server", base(client), f"{HOST}/no/such", str(tmp_path / "x"))
     assert code == 1 and "404" in err and "git clone" not in err  # no fallback on a 4xx
     assert leftovers(tmp_path) == ["taken"]
@@ -193,3 +197,90 @@ def test_the_client_needs_only_the_standard_library() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported - {"__future__"} <= sys.stdlib_module_names
+
+
+class RangeServer:
+    """Serves one snapshot as gitcache serves a hit (ETag, Range, If-Range), dropping the
+    connection after ``drop_after`` bytes of its first ``drops`` responses."""
+
+    def __init__(self, body: bytes, drop_after: int, drops: int = 1) -> None:
+        self.body, self.drop_after, self.drops = body, drop_after, drops
+        self.etag = '"' + hashlib.sha256(body).hexdigest() + '"'
+        self.ranges: list[str] = []
+        self.sent = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        asked = request.headers.get("Range", "")
+        self.ranges.append(asked)
+        start, end = 0, len(self.body) - 1
+        status = 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", asked)
+        if match and request.headers.get("If-Range", self.etag) == self.etag:
+            start, status = int(match[1]), 206
+            end = min(int(match[2]), end) if match[2] else end
+        headers = {"ETag": self.etag, "Accept-Ranges": "bytes"}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(self.body)}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start + 1
+        await response.prepare(request)
+        part = self.body[start : end + 1]
+        if self.drops and len(part) > self.drop_after:
+            self.drops -= 1
+            await response.write(part[: self.drop_after])
+            self.sent += self.drop_after
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(part)
+        self.sent += len(part)
+        await response.write_eof()
+        return response
+
+
+async def test_a_dropped_connection_is_resumed_from_where_it_stopped(
+    client: Any, rich: str, scratch: Path, aiohttp_server: Any
+) -> None:
+    good = await (await client.get(snapshot_url(rich))).read()
+    server = RangeServer(good, drop_after=len(good) // 3)
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", server.handle)
+    url = f"http://127.0.0.1:{(await aiohttp_server(app)).port}"
+    code, err = await run_client("--server", url, f"{HOST}/{rich}", str(scratch / "a"))
+    assert code == 0, err
+    git("fsck", "--no-progress", cwd=scratch / "a")
+    resumed_at = len(good) // 3
+    assert server.ranges[1].startswith(f"bytes={resumed_at}-")  # only the rest, once
+    assert server.sent == len(good)
+
+
+async def test_a_large_hit_comes_in_parallel_segments(
+    client: Any, upstream: Upstream, big_work: Path, scratch: Path
+) -> None:
+    upstream.create("big", big_work)
+    await (await client.get(snapshot_url("big"))).read()  # cached: the next one is a hit
+    code, err = await run_client("--server", base(client), f"{HOST}/big", str(scratch / "a"))
+    assert code == 0, err
+    assert tree(scratch / "a") == tree(big_work)
+    assert status(scratch / "a") == ""
+
+
+async def test_the_index_has_the_stat_data_of_the_files(
+    client: Any, rich: str, scratch: Path
+) -> None:
+    work = scratch / "a"
+    code, err = await run_client("--server", base(client), f"{HOST}/{rich}", str(work))
+    assert code == 0, err
+    entries = git("-c", "core.quotepath=off", "ls-files", "--debug", cwd=work)
+    for name, block in re.findall(r"(?m)^(\S.*)\n((?:  .*\n)+)", entries):
+        st = (work / name).lstat()
+        if stat.S_ISDIR(st.st_mode):
+            continue  # a gitlink
+        fields = dict(re.findall(r"(\w+): ([\d:]+)", block))
+        assert fields["mtime"] == f"{int(st.st_mtime)}:{st.st_mtime_ns % 10**9}", name
+        assert (int(fields["ino"]), int(fields["size"])) == (st.st_ino, st.st_size), name
+    assert status(work) == ""
+    # Change detection is intact: the same size, new bytes, and git sees it.
+    readme = work / "README.md"
+    readme.write_text(readme.read_text().upper())
+    assert " M README.md" in status(work)
