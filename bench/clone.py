@@ -63,7 +63,7 @@ def run(bare: Path, runs: int, work: Path) -> None:
             ours_status.append(status_times(work / f"g-{i}"))
             pipeline.append(
                 sh(
-                    f"set -o pipefail; mkdir {work}/p-{i} && curl -sf '{url}' "
+                    f"mkdir {work}/p-{i} && curl -sf '{url}' "
                     f"| zstd -d -q | tar -x -C {work}/p-{i}"
                 )
             )

@@ -18,6 +18,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import http.client
 import itertools
@@ -37,12 +38,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 CHUNK = 1024 * 1024
 SEGMENT = 8 * 1024 * 1024  # what one ranged request fetches of a hit
 PARALLEL = 4  # ranged requests at once (and segments held in memory at most)
 RETRIES = 3  # times a dropped connection is resumed
+WRITERS = 1  # threads creating files (more did not help on a file system that serialises creation)
+WRITE_AHEAD = 64 * 1024 * 1024  # bytes read from the tar and not yet written, at most
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -257,40 +260,110 @@ class Download:
 # --- extract ------------------------------------------------------------------------------
 
 
-def _safe(member: tarfile.TarInfo, root: Path) -> None:
-    """Refuse what could write outside ``root``: absolute names, ``..``, hard links,
-    devices, and any path through a symlink already extracted."""
-    name = member.name
-    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
-        raise Failed(f"refused an unsafe path in the snapshot: {name!r}")
+def _checked(member: tarfile.TarInfo, symlinks: set[str]) -> str:
+    """The member's relative path, or :class:`Failed` for what could write outside the
+    target: an absolute name, ``..``, a hard link, a device, a path through a symlink of
+    the snapshot's own (the target is new: no other symlink can be in it)."""
+    name = member.name.rstrip("/")
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "\\" in name:
+        raise Failed(f"refused an unsafe path in the snapshot: {member.name!r}")
     if member.islnk() or not (member.isfile() or member.isdir() or member.issym()):
-        raise Failed(f"refused a link or device in the snapshot: {name!r}")
-    if (root / name).is_symlink():  # writing there would follow the link
-        raise Failed(f"refused a path through a symlink in the snapshot: {name!r}")
-    parent = root
-    for part in Path(name).parts[:-1]:
-        parent = parent / part
-        if parent.is_symlink():
-            raise Failed(f"refused a path through a symlink in the snapshot: {name!r}")
+        raise Failed(f"refused a link or device in the snapshot: {member.name!r}")
+    for end in range(1, len(parts) + 1):
+        if "/".join(parts[:end]) in symlinks:
+            raise Failed(f"refused a path through a symlink in the snapshot: {member.name!r}")
+    return name
 
 
-# Members are checked above; Pythons that have extraction filters must not warn about it.
-_TRUSTED: dict[str, Any] = (
-    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
-)
+class Writer:
+    """Writes files on a few threads: creating thousands of small files is bound by the
+    file system's latency, not by the tar stream, which is read in order meanwhile. At
+    most ``WRITE_AHEAD`` bytes wait to be written."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(WRITERS)
+        self._room = threading.BoundedSemaphore(WRITE_AHEAD // CHUNK)
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def write(self, path: str, data: bytes, mode: int, mtime: float) -> None:
+        slots = max(1, min(len(data) // CHUNK, WRITE_AHEAD // CHUNK))
+        for _ in range(slots):
+            self._room.acquire()
+        self._pending.append(self._pool.submit(self._write, path, data, mode, mtime, slots))
+        if len(self._pending) > 1024:
+            self._collect(wait=False)
+
+    def _write(self, path: str, data: bytes, mode: int, mtime: float, slots: int) -> None:
+        try:
+            write_file(path, [data], mode, mtime)
+        finally:
+            for _ in range(slots):
+                self._room.release()
+
+    def _collect(self, wait: bool) -> None:
+        done = [f for f in self._pending if wait or f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        for future in done:
+            future.result()
+
+    def close(self, ok: bool) -> None:
+        try:
+            if ok:
+                self._collect(wait=True)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=not ok)
+
+
+def write_file(path: str, data: Iterator[bytes] | list[bytes], mode: int, mtime: float) -> None:
+    """A new file (never through a link, never over another), its mode and mtime as the
+    snapshot says, as a checkout would have them."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        for piece in data:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fchmod(fd, 0o755 if mode & 0o100 else 0o644)
+        os.utime(fd, (mtime, mtime))
+    finally:
+        os.close(fd)
 
 
 def extract(stream: IO[bytes], root: Path) -> None:
-    """Extract the tar read from ``stream`` into the existing directory ``root``."""
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            _safe(member, root)
-            if member.issym():  # kept as git would check it out, wherever it points
-                target = root / member.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(member.linkname, target)
-                continue
-            tar.extract(member, root, set_attrs=member.isfile(), **_TRUSTED)
+    """Extract the tar read from ``stream`` into the new directory ``root``."""
+    symlinks: set[str] = set()
+    made: set[str] = {""}
+    writer = Writer()
+    ok = False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                name = _checked(member, symlinks)
+                target = os.path.join(root, name)
+                parent = name.rpartition("/")[0]
+                if parent not in made:
+                    os.makedirs(os.path.join(root, parent), exist_ok=True)
+                    made.add(parent)
+                if member.isdir():
+                    os.makedirs(target, exist_ok=True)
+                    made.add(name)
+                elif member.issym():  # kept as git would check it out, wherever it points
+                    os.symlink(member.linkname, target)
+                    symlinks.add(name)
+                else:
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    if member.size <= WRITE_AHEAD // 4:
+                        writer.write(target, source.read(), member.mode, member.mtime)
+                    else:  # a large file: streamed here rather than held
+                        pieces = iter(functools.partial(source.read, CHUNK), b"")
+                        write_file(target, pieces, member.mode, member.mtime)
+        ok = True
+    except FileExistsError as exc:
+        raise Failed(f"refused a path the snapshot writes twice: {exc.filename!r}") from None
+    finally:
+        writer.close(ok)
 
 
 def restore(chunks: Iterator[bytes], root: Path) -> None:
