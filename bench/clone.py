@@ -62,10 +62,7 @@ def run(bare: Path, runs: int, work: Path) -> None:
             ours.append(time.perf_counter() - started)
             ours_status.append(status_times(work / f"g-{i}"))
             pipeline.append(
-                sh(
-                    f"mkdir {work}/p-{i} && curl -sf '{url}' "
-                    f"| zstd -d -q | tar -x -C {work}/p-{i}"
-                )
+                sh(f"mkdir {work}/p-{i} && curl -sf '{url}' | zstd -d -q | tar -x -C {work}/p-{i}")
             )
             pipe_status.append(status_times(work / f"p-{i}"))
             clone.append(
