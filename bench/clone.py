@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import benchmark, served_upstream
+from bench.harness import run_in_work_dir, served_upstream
 from bench.run import HOST, curl, gitcache_server, sh
 
 CLIENT = Path(__file__).resolve().parent.parent / "gitcache" / "client.py"
@@ -89,12 +89,5 @@ def run(bare: Path, runs: int, work: Path) -> None:
         )
 
 
-def main() -> None:
-    with benchmark(__doc__, runs=5) as (args, bare, tmp):
-        work = tmp / "work"
-        work.mkdir()
-        run(bare, args.runs, work)
-
-
 if __name__ == "__main__":
-    main()
+    run_in_work_dir(__doc__ or "", run)

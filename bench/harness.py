@@ -9,7 +9,7 @@ import os
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +47,17 @@ def benchmark(description: str, runs: int) -> Iterator[tuple[argparse.Namespace,
                 ["git", "clone", "-q", "--bare", str(args.repo.resolve()), str(bare)], check=True
             )
         yield args, bare, tmp
+
+
+def run_in_work_dir(
+    description: str, run: Callable[[Path, int, Path], None], runs: int = 5
+) -> None:
+    """A benchmark's main: its arguments and repository, then ``run(bare, runs, work)``
+    with an empty work directory."""
+    with benchmark(description, runs=runs) as (args, bare, tmp):
+        work = tmp / "work"
+        work.mkdir()
+        run(bare, args.runs, work)
 
 
 @contextmanager

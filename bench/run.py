@@ -31,7 +31,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bench.harness import benchmark, serve_in_thread, served_upstream
+from bench.harness import run_in_work_dir, serve_in_thread, served_upstream
 from tests.servers import free_port
 from tests.upstream import git
 
@@ -258,12 +258,5 @@ def run(bare: Path, runs: int, work: Path) -> None:
             bench.slow_memory()
 
 
-def main() -> None:
-    with benchmark(__doc__, runs=5) as (args, bare, tmp):
-        work = tmp / "work"
-        work.mkdir()
-        run(bare, args.runs, work)
-
-
 if __name__ == "__main__":
-    main()
+    run_in_work_dir(__doc__ or "", run)
