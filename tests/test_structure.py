@@ -8,6 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gitcache"
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 450
+# The restore client is served to runners as one file (`curl …/client.py | python3 -`):
+# it cannot be split into modules, so only its functions are held short.
+ONE_FILE = {"gitcache.client"}
 
 
 def modules() -> dict[str, Path]:
@@ -55,7 +58,7 @@ def test_functions_and_modules_are_short() -> None:
     long = []
     for name, path in sorted(modules().items()):
         source = path.read_text()
-        if len(source.splitlines()) > MAX_MODULE_LINES:
+        if len(source.splitlines()) > MAX_MODULE_LINES and name not in ONE_FILE:
             long.append(f"{name}: {len(source.splitlines())} lines")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
