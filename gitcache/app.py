@@ -31,6 +31,7 @@ from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
 from gitcache.repo import RepoRef
+from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 from gitcache.web import admin
@@ -114,14 +115,13 @@ async def _snapshots(app: web.Application) -> AsyncIterator[None]:
     if bucket is not None and config.mirrors.archive_interval:
         archives = MirrorArchives(bucket, paths.tmp, clock)
     mirrors = MirrorStore(config, app[keys.TASKS], app[keys.METRICS], clock, archives=archives)
-    service = SnapshotService(
-        config, mirrors, app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock
-    )
+    producer = Producer(config, app[keys.CACHE], app[keys.TASKS], app[keys.METRICS], clock)
+    service = SnapshotService(mirrors, producer, clock)
     # What a gitcache killed outright left: its git processes first (they may still write),
     # then their lock files; clean_leftovers then empties spool/ and tmp/.
     await asyncio.to_thread(reap_orphans, paths.root)
     await asyncio.to_thread(clear_mirror_locks, mirrors.root)
-    service.producer.clean_leftovers()
+    producer.clean_leftovers()
     app[keys.MIRRORS], app[keys.SNAPSHOTS] = mirrors, service
     yield
 

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from gitcache import keys
 from gitcache.snapshot import producer as producer_module
 from tests.upstream import git
@@ -97,3 +99,14 @@ def processes_mentioning(text: str) -> list[str]:
             if text.encode() in cmdline:
                 found.append(cmdline.decode(errors="replace"))
     return found
+
+
+def sample(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels`` (0 if none),
+    read with prometheus-client's own parser."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )

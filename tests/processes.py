@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import HOST
 from tests.servers import free_port
@@ -80,13 +79,3 @@ async def start_gitcache(
         await process.stop()
         raise
     return process
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample from a /metrics page (0 if absent), read with prometheus-client's parser."""
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels == s.labels
-    )

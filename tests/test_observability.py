@@ -15,11 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gitcache.errors import GitError
 from gitcache.log import JsonFormatter, setup_logging
-from tests.helpers import HOST, processes_mentioning, snapshot_url, wrap_build_tar
+from tests.helpers import HOST, processes_mentioning, sample, snapshot_url, wrap_build_tar
 from tests.processes import start_gitcache
 from tests.upstream import Upstream
 from tests.waiting import until
@@ -52,17 +51,6 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(client: Any, rich:
 def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def sample(exposition: str, name: str, **labels: str) -> float:
-    """The sum of the samples named ``name`` whose labels include ``labels`` (0 if none),
-    read with prometheus-client's own parser."""
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(exposition)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
 
 
 async def _scrape(client: Any) -> str:

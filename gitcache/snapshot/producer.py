@@ -37,10 +37,10 @@ class Producer:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._config = config
-        self._cache = cache
+        self.config = config
+        self.cache = cache
         self._tasks = tasks
-        self._metrics = metrics
+        self.metrics = metrics
         self._clock = clock
         self._spool_dir = config.server.paths.spool
         self._tmp_dir = config.server.paths.tmp
@@ -60,17 +60,17 @@ class Producer:
     def start(
         self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
     ) -> Generation:
-        if len(self.running) >= self._config.server.max_generations:
-            self._metrics.overloaded.labels("max_generations").inc()
+        if len(self.running) >= self.config.server.max_generations:
+            self.metrics.overloaded.labels("max_generations").inc()
             raise Overloaded("too many snapshots are being generated")
         spool = self._spool_dir / f"{repo.slug}.{key}.{uuid.uuid4().hex[:8]}.partial"
         generation = Generation(key, checkout.commit, spool)
-        cfg = self._config.snapshot
+        cfg = self.config.snapshot
         # Created here, synchronously, so the first reader can join before this returns.
         writer = SpoolWriter(spool, cfg.zstd_level, cfg.zstd_threads)
         generation.open_spool()
         self.running[(repo, key)] = generation
-        self._metrics.generations_started.inc()
+        self.metrics.generations_started.inc()
         self._tasks.spawn(
             self._generate(repo, mirror, spec, checkout, generation, writer),
             name=f"generate:{repo.name}:{key}",
@@ -89,14 +89,14 @@ class Producer:
         started = time.monotonic()
         work = self._tmp_dir / f"gen-{uuid.uuid4().hex}"
         # A tier that copies the spool elsewhere (S3) starts now, reading it as it grows.
-        upload = self._cache.begin(repo, generation.key, generation.tail)
+        upload = self.cache.begin(repo, generation.key, generation.tail)
         committed: Entry | None = None
         try:
             entry = await self._write(mirror, spec, checkout, generation, writer, work)
             committed = await self._commit(repo, generation, entry, upload)
-            self._metrics.generations.labels("ok").inc()
-            self._metrics.generation_bytes.inc(entry.size)
-            self._metrics.generation_duration.observe(time.monotonic() - started)
+            self.metrics.generations.labels("ok").inc()
+            self.metrics.generation_bytes.inc(entry.size)
+            self.metrics.generation_duration.observe(time.monotonic() - started)
             log.info(
                 "generated %s %s: %d bytes in %.2fs",
                 repo.name,
@@ -138,9 +138,9 @@ class Producer:
             mirror,
             checkout,
             work,
-            git_timeout=self._config.mirrors.git_timeout,
+            git_timeout=self.config.mirrors.git_timeout,
             # An archive of a large tree may take as long as its clone did.
-            archive_timeout=self._config.mirrors.clone_timeout,
+            archive_timeout=self.config.mirrors.clone_timeout,
         )
         try:
             size, sha256 = await write_spool(generation, chunks, writer)
@@ -168,13 +168,13 @@ class Producer:
         which clients need not wait for: they see their end at once, and the generation
         stays joinable until it is done, so whoever asks meanwhile reads the complete
         spool. Whatever the commit does, clients keep their verified bytes."""
-        end_after_commit = self._cache.local
+        end_after_commit = self.cache.local
         if not end_after_commit:
             generation.finish()
         committed = None
         try:
             if await self._disk_has_room():
-                await self._cache.commit(repo, generation.spool, entry, upload)
+                await self.cache.commit(repo, generation.spool, entry, upload)
                 committed = entry
         except (GitcacheError, OSError) as exc:
             log.error("could not commit %s %s: %s", repo.name, generation.key, exc)
@@ -188,7 +188,7 @@ class Producer:
         self, repo: RepoRef, generation: Generation, exc: Exception, aborted: bool = False
     ) -> None:
         generation.fail(exc)
-        self._metrics.generations.labels("failed").inc()
+        self.metrics.generations.labels("failed").inc()
         # A traceback only for the unexpected: known failures explain themselves.
         log.log(
             logging.WARNING if aborted else logging.ERROR,
@@ -202,16 +202,16 @@ class Producer:
     async def _prune(self, repo: RepoRef, committed: Entry) -> None:
         """After the clients saw their end: nobody waits on the retention sweep."""
         try:
-            await self._cache.prune(repo, committed.ref, self._config.cache.keep)
+            await self.cache.prune(repo, committed.ref, self.config.cache.keep)
         except Exception:
             log.exception("could not prune the snapshots of %s", repo.name)
 
     async def _disk_has_room(self) -> bool:
         """The free-space watchdog: below ``cache.disk.min_free`` the disk tier is not
         filled (streams still serve), and a metric says so."""
-        usage = await asyncio.to_thread(shutil.disk_usage, self._config.server.state_dir)
-        low = usage.free < self._config.cache.disk.min_free
-        self._metrics.disk_low_space.set(1 if low else 0)
+        usage = await asyncio.to_thread(shutil.disk_usage, self.config.server.state_dir)
+        low = usage.free < self.config.cache.disk.min_free
+        self.metrics.disk_low_space.set(1 if low else 0)
         if low:
             log.warning("free space below cache.disk.min_free: not caching this snapshot")
         return not low

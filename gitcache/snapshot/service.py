@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from gitcache.cache.base import Cache, Entry, Reader
-from gitcache.config import Config
+from gitcache.cache.base import Entry, Reader
 from gitcache.errors import (
     GitcacheError,
     GitError,
@@ -19,7 +18,6 @@ from gitcache.errors import (
     Overloaded,
     UpstreamError,
 )
-from gitcache.metrics import Metrics
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import run_git
@@ -30,7 +28,6 @@ from gitcache.snapshot.generation import (
 )
 from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.source import Source
-from gitcache.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +87,19 @@ def snapshot_key(spec: RefSpec, checkout: Checkout, refs_digest: str) -> str:
 class SnapshotService:
     def __init__(
         self,
-        config: Config,
         mirrors: MirrorStore,
-        cache: Cache,
-        tasks: TaskSet,
-        metrics: Metrics,
+        producer: Producer,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._config = config
-        self._metrics = metrics
+        """Finds snapshots in ``producer``'s cache and running generations; has it make
+        the missing ones."""
+        self._config = producer.config
+        self._metrics = producer.metrics
+        self._cache = producer.cache
         self._mirrors = mirrors
-        self._cache = cache
         self._clock = clock
-        self.producer = Producer(config, cache, tasks, metrics, clock)
-        self._generations = self.producer.running
+        self.producer = producer
+        self._generations = producer.running
 
     @property
     def generations_started(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,6 +17,15 @@ def json_error(status: int, message: str, code: str) -> web.Response:
     return web.json_response({"error": message, "code": code}, status=status)
 
 
+def error_code(status: int) -> str:
+    """The code of an error aiohttp or HTTP itself names: ``method_not_allowed`` for 405,
+    ``request_header_fields_too_large`` for 431."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -25,7 +35,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
+        return json_error(exc.status, exc.reason, error_code(exc.status))
     except Exception as exc:
         if request.writer.output_size > 0 and request.transport is not None:
             # A response is under way: no error can follow it. Cut the connection, so the

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gitcache import keys
+from gitcache.web.errors import error_code, json_error
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ REFUSED_RESPONSE = (
     b"Connection: close\r\n"
     b"Content-Length: " + str(len(_REFUSED)).encode() + b"\r\n\r\n" + _REFUSED
 )
-
-
-def error_code(status: int) -> str:
-    """``bad_request`` for 400, ``request_header_fields_too_large`` for 431, and so on."""
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "http_error"
 
 
 @dataclass(frozen=True)
@@ -84,8 +77,7 @@ class GatedRequestHandler(RequestHandler):
         else:
             log.info("bad request from %s: %s", request.remote, message)
         code = "bad_http_request" if status == 400 else error_code(status)
-        body = {"error": message or HTTPStatus(status).phrase, "code": code}
-        response = web.json_response(body, status=status)
+        response = json_error(status, message or HTTPStatus(status).phrase, code)
         response.force_close()
         return response
 
