@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 from aiohttp import web
 
-from bench.make_repo import make_repo
+from bench.make_repo import SHAPES, make_repo
 from tests.servers import free_port, start_s3_server
 from tests.upstream import Upstream
 
@@ -31,8 +31,16 @@ def benchmark(description: str, runs: int) -> Iterator[tuple[argparse.Namespace,
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repo", type=Path, help="a local bare repository (default: generate)")
+    parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="tree",
+        help="a generated repository's shape: mostly working tree, or mostly pack",
+    )
     parser.add_argument("--files", type=int, default=3000, help="files in a generated repository")
-    parser.add_argument("--commits", type=int, default=200, help="its number of commits")
+    parser.add_argument(
+        "--commits", type=int, help="its number of commits (default: 200, or 50,000 for a pack)"
+    )
     parser.add_argument("--runs", type=int, default=runs, help="runs per measurement (median)")
     args = parser.parse_args()
     os.environ.setdefault("GIT_CONFIG_NOSYSTEM", "1")
@@ -41,7 +49,8 @@ def benchmark(description: str, runs: int) -> Iterator[tuple[argparse.Namespace,
         bare = tmp / "repos" / "bench.git"
         bare.parent.mkdir()
         if args.repo is None:
-            make_repo(bare, files=args.files, commits=args.commits)
+            commits = args.commits or (50_000 if args.shape == "pack" else 200)
+            make_repo(bare, files=args.files, commits=commits, shape=args.shape)
         else:  # a copy: benchmarks add branches to it
             subprocess.run(
                 ["git", "clone", "-q", "--bare", str(args.repo.resolve()), str(bare)], check=True

@@ -151,7 +151,9 @@ async def test_a_broken_archive_is_discarded_and_the_mirror_cloned(
     raw = s3.get_object(Bucket=s3_bucket, Key=bucket.key(archives.name(repo)))["Body"].read()
     unpacked = tmp_path / "unpacked"
     with (
-        zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as zstd,
+        zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(raw), read_across_frames=True
+        ) as zstd,
         tarfile.open(fileobj=zstd, mode="r|") as tar,
     ):
         tar.extractall(unpacked, filter="data")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import io
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -15,7 +15,8 @@ from pathlib import Path
 import zstandard
 
 from gitcache.errors import GenerationFailed, GitcacheError
-from gitcache.files import CHUNK, Descriptor, sha256_of
+from gitcache.files import CHUNK, Descriptor, HashBehind, SyncBehind
+from gitcache.snapshot.frames import Stored, StoredFrame
 from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
@@ -26,51 +27,102 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024  # per read of a reader that keeps up
 SLOW_READ_CHUNK = 16 * 1024  # per read of a reader whose client is behind (see read())
 PIPELINE_DEPTH = 4  # batches of CHUNK bytes between the tar producer and zstd
+_IOV_MAX = 512  # buffers per writev, well under the system's limit
+# A miss's spool is written back to disk as it grows rather than all at the end.
+_SYNC_EVERY = 32 * 1024 * 1024
 
 
 class SpoolWriter:
-    """zstd-compresses into a new file, counting and hashing what it writes. Its methods
-    block (compression is CPU work): call them off the event loop, one at a time."""
+    """Writes a snapshot's tar into a new file as a sequence of zstd frames: compressed
+    frames for what compresses, stored frames (see ``frames``) for what does not, which
+    decode as one stream. It counts and hashes what it writes. Its methods block
+    (compression is CPU work): call them off the event loop, one at a time."""
 
     def __init__(self, path: Path, level: int, threads: int) -> None:
         self.size = 0
-        self._hash = hashlib.sha256()
+        self._hash = HashBehind()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._sync = SyncBehind(self._fd, _SYNC_EVERY)
         # Content checksums: every decoder (plain ``zstd -d`` too) rejects a flipped byte.
-        self._zstd = zstandard.ZstdCompressor(
-            level=level, threads=threads, write_checksum=True
-        ).compressobj()
+        self._cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+        self._compressing: zstandard.ZstdCompressionObj | None = None  # an open frame
+        self._storing: StoredFrame | None = None  # or this one
 
-    def write(self, data: bytes, *, flush: bool = False) -> int:
-        out = self._zstd.compress(data)
-        if flush:
-            # Hand what we have to the readers now (the first bytes of a miss).
-            out += self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        self._emit(out)
+    def write(self, data: bytes, *, stored: bool = False, flush: bool = False) -> int:
+        """Add ``data`` to the stream, in a stored frame or a compressed one. ``flush``:
+        hand everything so far to the readers now (the first bytes of a miss)."""
+        pieces: list[bytes | memoryview] = []
+        if stored:
+            pieces += self._end_compressed()
+            self._storing = self._storing or StoredFrame()
+            pieces += self._storing.update(data)
+        else:
+            pieces += self._end_stored()
+            self._compressing = self._compressing or self._cctx.compressobj()
+            pieces.append(self._compressing.compress(data))
+            if flush:
+                pieces.append(self._compressing.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        self._emit(pieces)
         return self.size
 
-    def finish(self, data: bytes) -> int:
-        self._emit(self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+    def end(self) -> int:
+        """End the last frame: the stream is complete."""
+        self._emit([*self._end_compressed(), *self._end_stored()])
+        return self.size
+
+    def finish(self) -> int:
+        """Make the file durable and check it holds what was written: fsync reports any
+        error of the write-back, and the size on disk must be the count of bytes written
+        (whose sha256 is :attr:`sha256`)."""
+        self._sync.close()
         os.fsync(self._fd)
+        on_disk = os.fstat(self._fd).st_size
         self.close()
+        if on_disk != self.size:
+            raise GenerationFailed(
+                f"spool verification failed: wrote {self.size} bytes, {on_disk} on disk"
+            )
         return self.size
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def _emit(self, out: bytes) -> None:
-        view = memoryview(out)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._hash.update(out)
-        self.size += len(out)
+    def _end_compressed(self) -> list[bytes | memoryview]:
+        if self._compressing is None:
+            return []
+        end = self._compressing.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        self._compressing = None
+        return [end]
+
+    def _end_stored(self) -> list[bytes | memoryview]:
+        if self._storing is None:
+            return []
+        end = self._storing.finish()
+        self._storing = None
+        return end
+
+    def _emit(self, pieces: list[bytes | memoryview]) -> None:
+        pieces = [p for p in pieces if len(p)]
+        total = sum(len(p) for p in pieces)
+        written = 0
+        for start in range(0, len(pieces), _IOV_MAX):
+            written += os.writev(self._fd, pieces[start : start + _IOV_MAX])
+        if written < total:  # a short write: the disk filled up, say; finish or fail
+            rest = memoryview(b"".join(pieces))[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        self._hash.update(pieces)
+        self.size += total
+        self._sync.wrote(self.size)
 
     def close(self) -> None:
         if self._fd >= 0:
+            with contextlib.suppress(OSError):  # failing anyway: the file is discarded
+                self._sync.close()
             os.close(self._fd)
             self._fd = -1
+            self._hash.close()
 
 
 class Generation:
@@ -181,6 +233,21 @@ class SpoolReader(Descriptor):
         self._offset += len(chunk)
         return chunk
 
+    def file(self) -> io.FileIO:
+        """A file object over the reader's descriptor (for ``loop.sendfile``)."""
+        return io.FileIO(self.fileno(), closefd=False)
+
+    async def span(self, limit: int) -> tuple[int, int]:
+        """The next bytes, for a caller that sends them itself from :meth:`fileno` (with
+        sendfile: no copy, and nothing held in memory for a slow client): their offset
+        and length, at most ``limit``, once there is at least one; a length of 0 at the
+        end. They count as read."""
+        if self.closed or await self.extent(self._offset + 1) <= self._offset:
+            return self._offset, 0
+        start = self._offset
+        self._offset = min(start + limit, self._generation.size)
+        return start, self._offset - start
+
     async def extent(self, want: int) -> int:
         """Until the spool holds ``want`` bytes or has ended: how many it holds, fewer than
         ``want`` only at its end. Raises if the generation failed."""
@@ -204,29 +271,36 @@ class SpoolReader(Descriptor):
 
 
 async def write_spool(
-    generation: Generation, chunks: AsyncIterator[bytes], writer: SpoolWriter
+    generation: Generation, chunks: AsyncIterator[bytes | Stored], writer: SpoolWriter
 ) -> tuple[int, str]:
-    """Compress ``chunks`` through ``writer`` into the generation's spool, advancing its
-    readers; verify the file against what was written and return its size and sha256.
-    The caller closes the writer and removes the spool on failure.
+    """Write ``chunks`` through ``writer`` into the generation's spool, advancing its
+    readers; return the spool's size and sha256 once it is complete and checked. The
+    caller closes the writer and removes the spool on failure.
 
-    Assembling the tar (reading packs, piping git archive) and compressing it overlap: a
-    producer batches chunks into a small bounded queue while a worker thread compresses,
-    so a miss costs about the slower of the two rather than their sum."""
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(PIPELINE_DEPTH)
+    Assembling the tar (reading packs, piping git archive) and writing it overlap: a
+    producer batches chunks into a small bounded queue while a worker thread frames and
+    compresses them, so a miss costs about the slower of the two rather than their sum."""
+    queue: asyncio.Queue[tuple[bytes, bool] | BaseException | None] = asyncio.Queue(PIPELINE_DEPTH)
 
     async def produce() -> None:
         try:
-            batch = bytearray()
-            first = True
+            batch, stored, first = bytearray(), False, True
             async for chunk in chunks:
-                batch += chunk
+                data, kind = (chunk.data, True) if isinstance(chunk, Stored) else (chunk, False)
+                if batch and kind != stored:
+                    await queue.put((bytes(batch), stored))
+                    batch.clear()
+                stored = kind
+                if not batch and len(data) >= CHUNK:  # a whole batch already: no copy
+                    await queue.put((data, stored))
+                    continue
+                batch += data
                 # The first batch (the small .git files) goes out at once: the first byte.
                 if first or len(batch) >= CHUNK:
-                    await queue.put(bytes(batch))
+                    await queue.put((bytes(batch), stored))
                     batch.clear()
                     first = False
-            await queue.put(bytes(batch))
+            await queue.put((bytes(batch), stored))
             await queue.put(None)
         except Exception as exc:
             await queue.put(exc)
@@ -237,17 +311,15 @@ async def write_spool(
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            generation.advance(await run_blocking(writer.write, item, flush=first))
+            data, stored = item
+            generation.advance(await run_blocking(writer.write, data, stored=stored, flush=first))
             first = False
-        generation.advance(await run_blocking(writer.finish, b""))
+        generation.advance(await run_blocking(writer.end))
+        size = await run_blocking(writer.finish)
+        sha256 = await run_blocking(lambda: writer.sha256)
     finally:
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
-    size, sha256 = await asyncio.to_thread(sha256_of, generation.spool)
-    if size != writer.size or sha256 != writer.sha256:
-        raise GenerationFailed(
-            f"spool verification failed: wrote {writer.size} bytes, read back {size}"
-        )
     generation.verify()
     return size, sha256
 
