@@ -38,11 +38,12 @@ from gitcache.web import admin
 from gitcache.web.errors import error_middleware
 from gitcache.web.hooks import hook
 from gitcache.web.observe import observe_middleware
-from gitcache.web.snapshot import snapshot
+from gitcache.web.snapshot import snapshot, source
 
 # [\s\S]: a newline in the path must reach the validator (and get its 400), not fall
 # through to a 404 for want of a route.
 SNAPSHOT_ROUTE = r"/git/{host}/{repo:[\s\S]+}/snapshot.tar.zst"
+SOURCE_ROUTE = r"/git/{host}/{repo:[\s\S]+}/source.tar.zst"
 SCRUB_LEASE = 86400.0  # a scrub claim when no interval is set (a pass run by hand)
 
 
@@ -213,9 +214,10 @@ def _add_routes(app: web.Application) -> None:
     app.router.add_get("/client.py", client_py)
     # prometheus-client's own handler: OpenMetrics when asked for, gzip when accepted.
     app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
-    snapshots_route = app.router.add_get(SNAPSHOT_ROUTE, snapshot).resource
-    assert snapshots_route is not None
-    for status in ("200", "500"):  # at 0 from the start, for the 5xx alert's rate()
-        app[keys.METRICS].requests.labels(snapshots_route.canonical, "GET", status)
+    for path, handler in ((SNAPSHOT_ROUTE, snapshot), (SOURCE_ROUTE, source)):
+        resource = app.router.add_get(path, handler).resource
+        assert resource is not None
+        for status in ("200", "500"):  # at 0 from the start, for the 5xx alert's rate()
+            app[keys.METRICS].requests.labels(resource.canonical, "GET", status)
     app.router.add_post("/hooks/{kind}", hook)
     admin.add_routes(app)

@@ -22,7 +22,7 @@ from gitcache.errors import GitcacheError
 from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
-from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
+from gitcache.repo import RefSpec, RepoRef, parse_label, parse_repo
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import Coalescer, TaskSet, run_blocking
 
@@ -226,7 +226,7 @@ class Refresher:
                 )
                 for ref in list(state.refs) if claimed else []:
                     try:
-                        generated += await self._snapshots.prepare(repo, parse_ref(_ref(ref)))
+                        generated += await self._snapshots.prepare(repo, parse_label(ref))
                     except GitcacheError as exc:
                         if exc.status != 404:  # a deleted branch is no failure of the repo
                             raise
@@ -344,16 +344,12 @@ def _label(name: str, value: object) -> str | None:
     """A ref label of a state file, checked as a request's would be; None for a commit id."""
     if isinstance(value, str):
         try:
-            spec = parse_ref(value)
+            spec = parse_label(value)
         except GitcacheError:
             pass
         else:
             return None if spec.sha is not None else spec.label
     raise ValueError(f"{name!r}.refs: {value!r} is not a ref")
-
-
-def _ref(label: str) -> str | None:
-    return None if label == "HEAD" else label
 
 
 def _pinned(name: str, config: Config) -> RepoRef:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from gitcache.config import UpstreamConfig
 from gitcache.errors import BadRequest, NotFound
+from gitcache.variant import FULL, Variant, from_query
 
 MAX_REPO_LENGTH = 256
 MAX_REPO_SEGMENTS = 16
@@ -83,15 +84,19 @@ def parse_repo(host: str, path: str, upstreams: Mapping[str, UpstreamConfig]) ->
 @dataclass(frozen=True)
 class RefSpec:
     """What to check out: the upstream's default branch (``name`` is None), a branch or tag
-    name (``refs/heads/x`` and ``refs/tags/x`` may be spelled out), or a full commit id."""
+    name (``refs/heads/x`` and ``refs/tags/x`` may be spelled out), or a full commit id;
+    and the variant of snapshot made of it."""
 
     name: str | None = None
     sha: str | None = None
+    variant: Variant = FULL
 
     @property
     def label(self) -> str:
-        """A stable string for cache lookups: ``HEAD``, the ref name, or the sha."""
-        return self.sha or self.name or "HEAD"
+        """A stable string for cache lookups: ``HEAD``, the ref name, or the sha, then the
+        variant as a query (``main?depth=1``; "?" is never part of a ref name)."""
+        ref = self.sha or self.name or "HEAD"
+        return f"{ref}?{self.variant.query}" if self.variant.query else ref
 
     def candidates(self) -> tuple[str, ...]:
         """Full ref names to try, in ``git clone --branch`` order: branch before tag."""
@@ -102,16 +107,22 @@ class RefSpec:
         return (f"refs/heads/{self.name}", f"refs/tags/{self.name}")
 
 
-def parse_ref(ref: str | None) -> RefSpec:
+def parse_ref(ref: str | None, variant: Variant = FULL) -> RefSpec:
     """Validate the ``ref`` query parameter with git's ``check-ref-format`` rules."""
     if ref is None or ref == "HEAD":  # HEAD is the default branch, however it is asked for
-        return RefSpec()
+        return RefSpec(variant=variant)
     if _FULL_SHA.fullmatch(ref):
-        return RefSpec(sha=ref.lower())
+        return RefSpec(sha=ref.lower(), variant=variant)
     problem = _ref_problem(ref)
     if problem:
         raise BadRequest(f"ref {ref[:80]!r} is not valid: {problem}", code="invalid_ref")
-    return RefSpec(name=ref)
+    return RefSpec(name=ref, variant=variant)
+
+
+def parse_label(label: str) -> RefSpec:
+    """The spec a :attr:`RefSpec.label` stands for, validated as a request's would be."""
+    ref, _, query = label.partition("?")
+    return parse_ref(ref, from_query(query))
 
 
 def _ref_problem(ref: str) -> str | None:

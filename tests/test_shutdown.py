@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from gitcache import keys
+from gitcache.snapshot import assemble
 from tests.helpers import processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
 from tests.waiting import until
@@ -28,12 +29,22 @@ async def test_shutdown_mid_generation(
         await asyncio.sleep(0.2)
 
     wrap_build_tar(monkeypatch, slowly)
+    real_run_git = assemble.run_git
+
+    async def napping_archive(args: list[str], **kwargs: Any) -> bytes:
+        """git archive, after a git child that sleeps: one still runs at the shutdown."""
+        if "archive" in args:
+            nap = [*args[:2], "-c", "alias.nap=!sleep 60; :", "nap", "archive"]
+            await real_run_git(nap, timeout=kwargs["timeout"])
+        return await real_run_git(args, **kwargs)
+
+    monkeypatch.setattr(assemble, "run_git", napping_archive)
     client = await make_client()
     async with aiohttp.ClientSession() as session:
         response = await session.get(client.make_url(snapshot_url("big")))
         await response.content.read(100)
         assert client.app[keys.SNAPSHOTS].running == 1
-        await until(  # after the packs were sent
+        await until(
             lambda: any(" archive " in p for p in processes_mentioning(str(state_dir))),
             "git archive to run",
         )

@@ -96,7 +96,7 @@ async def _spawn(
     *,
     cwd: Path | None,
     env: Mapping[str, str],
-    stdin: int | None,
+    stdin: int | IO[bytes] | None,
     stdout: int | IO[bytes],
 ) -> asyncio.subprocess.Process:
     log.debug("git %s", mask_credentials(" ".join(args)))
@@ -125,21 +125,20 @@ async def run_git(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     input: bytes | None = None,
+    stdin_path: Path | None = None,
     stdout_path: Path | None = None,
 ) -> bytes:
     """Run git to completion and return its stdout (or write it to ``stdout_path``,
-    returning b""); raise GitError or GitTimeout."""
+    returning b""); its stdin is ``input`` or the file ``stdin_path``. Raises GitError or
+    GitTimeout."""
     with contextlib.ExitStack() as stack:
         out: int | IO[bytes] = asyncio.subprocess.PIPE
         if stdout_path is not None:
             out = stack.enter_context(stdout_path.open("wb"))
-        proc = await _spawn(
-            args,
-            cwd=cwd,
-            env=env or git_env(),
-            stdin=asyncio.subprocess.PIPE if input else None,
-            stdout=out,
-        )
+        stdin: int | IO[bytes] | None = asyncio.subprocess.PIPE if input else None
+        if stdin_path is not None:
+            stdin = stack.enter_context(stdin_path.open("rb"))
+        proc = await _spawn(args, cwd=cwd, env=env or git_env(), stdin=stdin, stdout=out)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(input), timeout)
     except TimeoutError:

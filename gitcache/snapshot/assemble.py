@@ -14,10 +14,11 @@ from pathlib import Path
 from gitcache.errors import GitError
 from gitcache.files import CHUNK
 from gitcache.mirror.mirror import Mirror
-from gitcache.mirror.pin import pin_objects
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import git_env, run_git
 from gitcache.snapshot import gitdir
+from gitcache.snapshot.frames import Stored
+from gitcache.snapshot.objects import Objects, gather
 from gitcache.snapshot.tarstream import (
     BLOCK,
     dir_entry,
@@ -26,11 +27,13 @@ from gitcache.snapshot.tarstream import (
     header,
     padding,
 )
+from gitcache.variant import Kind, Variant
 
 
 async def _file_chunks(
-    name: str, path: Path, *, mtime: int, mode: int = 0o444
-) -> AsyncGenerator[bytes, None]:
+    name: str, path: Path, *, mtime: int, mode: int = 0o444, stored: bool = False
+) -> AsyncGenerator[bytes | Stored, None]:
+    """A file's tar entry; its content as :class:`Stored` chunks if ``stored``."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         yield header(name, size=size, mode=mode, mtime=mtime)
@@ -40,15 +43,17 @@ async def _file_chunks(
             if not chunk:
                 raise GitError(f"{name} shrank while it was being read")
             remaining -= len(chunk)
-            yield chunk
+            yield Stored(chunk) if stored else chunk
         yield padding(size)
 
 
-async def _tail(path: Path, writer: asyncio.Future[bytes]) -> AsyncGenerator[bytes, None]:
+async def _tail(
+    path: Path, writer: asyncio.Future[bytes], *, whole: bool = False
+) -> AsyncGenerator[bytes, None]:
     """The tar ``git archive`` is writing to ``path``, as it grows, without its leading
-    pax global header (a comment holding the commit id); ends when git has exited and
-    everything was read, raising if git failed."""
-    skip: int | None = None  # bytes of global header still to drop, once known
+    pax global header (a comment holding the commit id) unless ``whole``; ends when git
+    has exited and everything was read, raising if git failed."""
+    skip: int | None = 0 if whole else None  # bytes of global header still to drop
     head = b""
     with path.open("rb") as f:
         while True:
@@ -57,7 +62,7 @@ async def _tail(path: Path, writer: asyncio.Future[bytes]) -> AsyncGenerator[byt
                 if writer.done():
                     writer.result()
                     if not (chunk := await asyncio.to_thread(f.read, CHUNK)):
-                        if skip is None:
+                        if skip is None or (whole and not f.tell()):
                             raise GitError("git archive wrote no complete tar")
                         return
                 else:
@@ -89,81 +94,125 @@ _GIT_DIRS = (
 )
 
 
-def _git_files(
-    mirror: Mirror, checkout: Checkout, objformat: str, pinned: list[str], now: int
+def _head_files(
+    mirror: Mirror, checkout: Checkout, variant: Variant, objformat: str, now: int
 ) -> bytes:
-    """The small ``.git`` entries, generated in memory: the first bytes of a snapshot."""
-    assert mirror.refs is not None
-    refs = mirror.refs
+    """The small ``.git`` entries that depend on nothing but the request, generated in
+    memory: the first bytes of a snapshot, sent before its objects are ready."""
     small = [dir_entry(".git", mtime=now)]
     small.append(file_entry(".git/HEAD", gitdir.head_file(checkout), mtime=now))
-    config = gitdir.config_file(mirror.url, checkout, objformat)
+    config = gitdir.config_file(mirror.url, checkout, objformat, variant)
     small.append(file_entry(".git/config", config, mtime=now))
-    packed = gitdir.packed_refs_file(refs, checkout)
-    small.append(file_entry(".git/packed-refs", packed, mtime=now))
     small.extend(dir_entry(f".git/{d}", mtime=now) for d in _GIT_DIRS)
-    origin_head = gitdir.origin_head_file(refs)
+    small.append(file_entry(".git/info/exclude", gitdir.INFO_EXCLUDE, mtime=now))
+    return b"".join(small)
+
+
+def _ref_files(objects: Objects, checkout: Checkout, now: int) -> bytes:
+    """The refs, the shallow list, and the directories of the object files."""
+    packed = gitdir.packed_refs_file(objects.refs, checkout)
+    small = [file_entry(".git/packed-refs", packed, mtime=now)]
+    origin_head = gitdir.origin_head_file(objects.refs)
     if origin_head is not None:
         small.append(file_entry(".git/refs/remotes/origin/HEAD", origin_head, mtime=now))
-    small.append(file_entry(".git/info/exclude", gitdir.INFO_EXCLUDE, mtime=now))
-    for d in sorted({p.rsplit("/", 1)[0] for p in pinned} - {"objects/pack"}):
+    if objects.shallow:
+        shallow = "".join(f"{sha}\n" for sha in objects.shallow).encode()
+        small.append(file_entry(".git/shallow", shallow, mtime=now))
+    for d in sorted({p.rsplit("/", 1)[0] for p in objects.files} - {"objects/pack"}):
         small.append(dir_entry(f".git/{d}", mtime=now))
     return b"".join(small)
 
 
 async def build_tar(
-    mirror: Mirror, checkout: Checkout, work: Path, *, git_timeout: float, archive_timeout: float
-) -> AsyncGenerator[bytes, None]:
-    """Yield the snapshot's tar stream in chunks. ``work`` is an empty directory on the
+    mirror: Mirror,
+    checkout: Checkout,
+    variant: Variant,
+    work: Path,
+    *,
+    git_timeout: float,
+    archive_timeout: float,
+) -> AsyncGenerator[bytes | Stored, None]:
+    """Yield the snapshot's tar stream in chunks: bytes to compress, and :class:`Stored`
+    chunks (the packs) to store as they are. ``work`` is an empty directory on the
     same filesystem as the mirror, owned by the caller (it removes it afterwards).
 
     ``git archive`` starts at once and writes the working tree to a file in ``work`` while
-    the packs are being sent: on two cores, resolving the tree's blobs (the slow part of
-    archive) overlaps with compressing the packs, instead of following it."""
-    commit, git_dir = checkout.commit, str(mirror.path)
-    async with mirror.lock.read():
-        pinned = await asyncio.to_thread(pin_objects, mirror.path, work)
-        objformat = await asyncio.to_thread(gitdir.object_format, mirror.path)
-
-    hermetic = git_env(hermetic=True)
-    index = work / "index"
-    read_tree = asyncio.ensure_future(
+    the objects are gathered and sent: on two cores, resolving the tree's blobs (the slow
+    part of archive) overlaps with sending the packs, instead of following it."""
+    worktree = work / "worktree.tar"
+    worktree.touch()  # there to be tailed before git has started
+    archive = asyncio.ensure_future(
         run_git(
-            ["--git-dir", git_dir, "read-tree", "--end-of-options", commit],
-            timeout=git_timeout,
-            env={**hermetic, "GIT_INDEX_FILE": str(index)},
+            [
+                *("--git-dir", str(mirror.path), "-c", "tar.umask=022", "archive"),
+                *("--format=tar", "--end-of-options", checkout.commit),
+            ],
+            timeout=archive_timeout,
+            env=git_env(hermetic=True),
+            stdout_path=worktree,
         )
     )
-    worktree = work / "worktree.tar"
-    archive_args = [
-        "--git-dir",
-        git_dir,
-        "-c",
-        "tar.umask=022",
-        "archive",
-        "--format=tar",
-        "--end-of-options",
-        commit,
-    ]
-    archive = asyncio.ensure_future(
-        run_git(archive_args, timeout=archive_timeout, env=hermetic, stdout_path=worktree)
-    )
+    parts: AsyncGenerator[bytes | Stored, None]
+    if variant.kind is Kind.SOURCE:  # the tree alone, as git archive makes it
+        parts = _tail(worktree, archive, whole=True)
+    else:
+        timeouts = (git_timeout, archive_timeout)
+        parts = _clone(mirror, checkout, variant, work, _tail(worktree, archive), timeouts)
     try:
-        now = int(time.time())
-        yield _git_files(mirror, checkout, objformat, pinned, now)
-
-        files = [(f".git/{rel}", work / rel, 0o444) for rel in pinned]
-        for name, path, mode in [*files, (".git/index", index, 0o644)]:
-            if path == index:
-                await read_tree
-            async with contextlib.aclosing(_file_chunks(name, path, mtime=now, mode=mode)) as it:
-                async for chunk in it:
-                    yield chunk
-
-        async with contextlib.aclosing(_tail(worktree, archive)) as it:
+        async with contextlib.aclosing(parts) as it:
             async for chunk in it:
                 yield chunk
     finally:
-        for task in (read_tree, archive):
+        archive.cancel()  # kills the git child if it still runs
+        await asyncio.gather(archive, return_exceptions=True)
+
+
+async def _clone(
+    mirror: Mirror,
+    checkout: Checkout,
+    variant: Variant,
+    work: Path,
+    tree: AsyncGenerator[bytes, None],
+    timeouts: tuple[float, float],
+) -> AsyncGenerator[bytes | Stored, None]:
+    """A clone's tar: ``.git`` (its objects gathered as the variant says, its index from
+    ``git read-tree``), then the working tree ``tree`` yields."""
+    git_timeout, objects_timeout = timeouts
+    objects = asyncio.ensure_future(
+        gather(mirror, checkout, variant, work, timeout=objects_timeout)
+    )
+    index = work / "index"
+    read_tree = asyncio.ensure_future(
+        run_git(
+            ["--git-dir", str(mirror.path), "read-tree", "--end-of-options", checkout.commit],
+            timeout=git_timeout,
+            env={**git_env(hermetic=True), "GIT_INDEX_FILE": str(index)},
+        )
+    )
+    try:
+        now = int(time.time())
+        objformat = await asyncio.to_thread(gitdir.object_format, mirror.path)
+        yield _head_files(mirror, checkout, variant, objformat, now)
+        gathered = await objects
+        yield _ref_files(gathered, checkout, now)
+        for rel in [*gathered.files, "index"]:
+            if rel == "index":
+                await read_tree
+            # Packs hold deflated objects: zstd would save about 1% of them, slowly.
+            chunks = _file_chunks(
+                f".git/{rel}",
+                work / rel,
+                mtime=now,
+                mode=0o644 if rel == "index" else 0o444,
+                stored=rel.endswith(".pack"),
+            )
+            async with contextlib.aclosing(chunks) as it:
+                async for chunk in it:
+                    yield chunk
+        async with contextlib.aclosing(tree) as it:
+            async for data in it:
+                yield data
+    finally:
+        for task in (objects, read_tree):
             task.cancel()  # kills the git child if it still runs
-        await asyncio.gather(read_tree, archive, return_exceptions=True)
+        await asyncio.gather(objects, read_tree, return_exceptions=True)

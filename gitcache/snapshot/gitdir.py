@@ -12,6 +12,7 @@ from dulwich.config import ConfigFile
 from dulwich.refs import write_packed_refs
 
 from gitcache.mirror.refs import Checkout, RefState
+from gitcache.variant import FULL, Kind, Variant
 
 INFO_EXCLUDE = b"""# git ls-files --others --exclude-from=.git/info/exclude
 # Lines that start with '#' are comments.
@@ -46,9 +47,15 @@ def head_file(checkout: Checkout) -> bytes:
     return f"ref: refs/heads/{checkout.branch}\n".encode()
 
 
-def config_file(url: str, checkout: Checkout, objformat: str = "sha1") -> bytes:
+def config_file(
+    url: str, checkout: Checkout, objformat: str = "sha1", variant: Variant = FULL
+) -> bytes:
+    """``.git/config`` as ``git clone`` writes it, with the options of the variant:
+    ``--depth`` fetches one branch, ``--filter`` makes origin a promisor remote."""
+    partial = variant.kind is Kind.BLOBLESS
     config = ConfigFile()
-    config.set((b"core",), b"repositoryformatversion", b"1" if objformat != "sha1" else b"0")
+    version = b"1" if objformat != "sha1" or partial else b"0"
+    config.set((b"core",), b"repositoryformatversion", version)
     config.set((b"core",), b"filemode", True)
     config.set((b"core",), b"bare", False)
     config.set((b"core",), b"logallrefupdates", True)
@@ -56,7 +63,13 @@ def config_file(url: str, checkout: Checkout, objformat: str = "sha1") -> bytes:
         config.set((b"extensions",), b"objectformat", objformat.encode())
     origin = (b"remote", b"origin")
     config.set(origin, b"url", public_url(url).encode())
-    config.set(origin, b"fetch", b"+refs/heads/*:refs/remotes/origin/*")
+    branches = b"*"
+    if variant.kind is Kind.SHALLOW and checkout.branch is not None:
+        branches = checkout.branch.encode()
+    config.set(origin, b"fetch", b"+refs/heads/%s:refs/remotes/origin/%s" % (branches, branches))
+    if partial:
+        config.set(origin, b"promisor", True)
+        config.set(origin, b"partialclonefilter", variant.query.removeprefix("filter=").encode())
     if checkout.branch is not None:
         branch = (b"branch", checkout.branch.encode())
         config.set(branch, b"remote", b"origin")

@@ -137,6 +137,7 @@ class Producer:
         chunks = build_tar(
             mirror,
             checkout,
+            spec.variant,
             work,
             git_timeout=self.config.mirrors.git_timeout,
             # An archive of a large tree may take as long as its clone did.

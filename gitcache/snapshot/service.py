@@ -28,6 +28,7 @@ from gitcache.snapshot.generation import (
 )
 from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.source import Source
+from gitcache.variant import Kind
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,15 @@ def snapshot_key(spec: RefSpec, checkout: Checkout, refs_digest: str) -> str:
     """Unique per what a snapshot contains: what it checks out and every ref in it, not
     the name it was asked by (two tags on one commit share one snapshot). A commit id's
     snapshot leaves the refs out: its URL names one sequence of bytes for as long as it is
-    cached, however the branches move. The commit prefix keeps cache listings readable."""
+    cached, however the branches move. A variant is part of the key; the working tree
+    alone depends on the commit only. The commit prefix keeps cache listings readable."""
     refs = "immutable" if spec.sha is not None else refs_digest
-    h = hashlib.sha256(f"{checkout.commit}\n{checkout.branch}\n{refs}".encode())
+    named = f"{checkout.commit}\n{checkout.branch}\n{refs}"
+    if spec.variant.kind is Kind.SOURCE:  # no .git: the commit alone says what is in it
+        named = f"{checkout.commit}\n{spec.variant.query}"
+    elif spec.variant.query:
+        named += f"\n{spec.variant.query}"
+    h = hashlib.sha256(named.encode())
     return f"{checkout.commit[:12]}-{h.hexdigest()[:20]}"
 
 

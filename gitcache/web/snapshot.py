@@ -1,9 +1,11 @@
-"""``GET|HEAD /git/{host}/{repo}/snapshot.tar.zst[?ref=…]``."""
+"""``GET|HEAD /git/{host}/{repo}/snapshot.tar.zst[?ref=…][&depth=N|&filter=blob:none]`` and
+``GET|HEAD /git/{host}/{repo}/source.tar.zst[?ref=…]``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -15,24 +17,31 @@ from gitcache import keys
 from gitcache.cache.s3 import S3Reader
 from gitcache.errors import BadRequest, EntryGone, GitcacheError
 from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
-from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK
+from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK, SpoolReader
 from gitcache.snapshot.service import Hit, Stream, Want
 from gitcache.snapshot.source import Source
+from gitcache.tasks import run_blocking
+from gitcache.variant import Kind, parse_variant
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/zstd"
+FOLLOW_SPAN = 16 * 1024 * 1024  # the most one sendfile of a spool sends
 
 
-def _common_headers(repo: RepoRef, commit: str, source: str) -> dict[str, str]:
+def _common_headers(commit: str, source: str) -> dict[str, str]:
     return {
         "Content-Type": CONTENT_TYPE,
-        "Content-Disposition": f'attachment; filename="{repo.basename}.tar.zst"',
         "X-Gitcache-Commit": commit,
         "X-Gitcache-Source": source,
     }
+
+
+def _filename(repo: RepoRef, spec: RefSpec) -> str:
+    suffix = "-source" if spec.variant.kind is Kind.SOURCE else ""
+    return f"{repo.basename}{suffix}.tar.zst"
 
 
 _MAX_AGE = re.compile(
@@ -65,9 +74,21 @@ def parse_max_age(request: web.Request) -> float | None:
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
+    """A clone: full, or the variant ``depth`` or ``filter`` asks for."""
+    return await _serve(request, source=False)
+
+
+async def source(request: web.Request) -> web.StreamResponse:
+    """The working tree alone."""
+    return await _serve(request, source=True)
+
+
+async def _serve(request: web.Request, *, source: bool) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
     repo = parse_repo(request.match_info["host"], request.match_info["repo"], config.upstreams)
-    spec = parse_ref(request.query.get("ref"))
+    query = request.query
+    variant = parse_variant(source=source, depth=query.get("depth"), filter_=query.get("filter"))
+    spec = parse_ref(query.get("ref"), variant)
     max_age = parse_max_age(request)
     await authorize_read(request, repo)
     try:
@@ -95,7 +116,11 @@ async def _respond(
         cache_control = "max-age=0, must-revalidate"
     else:
         cache_control = f"max-age={max(0, int(config.mirrors.fetch_interval) - age)}"
-    extra = {"X-Gitcache-Age": str(age), "Cache-Control": cache_control}
+    extra = {
+        "Content-Disposition": f'attachment; filename="{_filename(repo, spec)}"',
+        "X-Gitcache-Age": str(age),
+        "Cache-Control": cache_control,
+    }
     info = request[keys.REQUEST_INFO]
     info.update(source=result.source, commit=result.commit)
     metrics = request.app[keys.METRICS]
@@ -116,7 +141,7 @@ async def _respond(
 
 def _hit_headers(repo: RepoRef, hit: Hit, extra: dict[str, str]) -> dict[str, str]:
     entry = hit.reader.entry
-    headers = _common_headers(repo, entry.commit, hit.source) | extra
+    headers = _common_headers(entry.commit, hit.source) | extra
     headers["ETag"] = entry.etag
     headers["Last-Modified"] = formatdate(entry.created, usegmt=True)
     headers["Accept-Ranges"] = "bytes"
@@ -263,10 +288,56 @@ async def _send_file(
         await chunks.aclose()
 
 
+async def _follow(request: web.Request, response: web.StreamResponse, body: SpoolReader) -> None:
+    """The rest of a generation's spool to the client as it is written."""
+    transport = request.transport
+    if transport is not None and await _follow_with_sendfile(request, transport, body):
+        return
+    info = request[keys.REQUEST_INFO]
+    while True:
+        # A client that has not taken the last chunk yet gets small ones: 200 slow
+        # clients then hold a few MiB between them, not a chunk each.
+        behind = transport is not None and transport.get_write_buffer_size() > 0
+        chunk = await body.read(SLOW_READ_CHUNK if behind else READ_CHUNK)
+        if not chunk:
+            return
+        await response.write(chunk)
+        info["bytes"] += len(chunk)
+
+
+async def _follow_with_sendfile(
+    request: web.Request, transport: asyncio.Transport, body: SpoolReader
+) -> bool:
+    """Send the spool as it is written, each chunk of the chunked encoding with sendfile:
+    no copy, no thread, nothing held in memory for a slow client. False if the transport
+    has no sendfile (TLS, say), after the first chunk was copied: the caller copies the
+    rest."""
+    loop = asyncio.get_running_loop()
+    info = request[keys.REQUEST_INFO]
+    spool = body.file()
+    while True:
+        offset, length = await body.span(FOLLOW_SPAN)
+        if not length:
+            return True
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        # The chunk's framing, as the response's own writes would frame it.
+        transport.write(b"%x\r\n" % length)
+        try:
+            await loop.sendfile(transport, spool, offset, length, fallback=False)
+        except asyncio.SendfileNotAvailableError:
+            transport.write(await run_blocking(os.pread, body.fileno(), length, offset))
+            transport.write(b"\r\n")
+            info["bytes"] += length
+            return False
+        transport.write(b"\r\n")
+        info["bytes"] += length
+
+
 async def _send_stream(
     request: web.Request, repo: RepoRef, stream: Stream, extra: dict[str, str]
 ) -> web.StreamResponse:
-    headers = _common_headers(repo, stream.commit, stream.source) | extra
+    headers = _common_headers(stream.commit, stream.source) | extra
     if stream.body is None:  # HEAD: say what GET would send, start nothing
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
@@ -282,18 +353,9 @@ async def _send_stream(
         info = request[keys.REQUEST_INFO]
         info["bytes"] = len(first)
         _first_byte(request, stream.source)
-        transport = request.transport
         try:
             await response.write(first)
-            while True:
-                # A client that has not taken the last chunk yet gets small ones: 200
-                # slow clients then hold a few MiB between them, not a chunk each.
-                behind = transport is not None and transport.get_write_buffer_size() > 0
-                chunk = await body.read(SLOW_READ_CHUNK if behind else READ_CHUNK)
-                if not chunk:
-                    break
-                await response.write(chunk)
-                info["bytes"] += len(chunk)
+            await _follow(request, response, body)
         except GitcacheError:  # the generation failed (it logs why, once)
             return _cut(request, response)
         except OSError:  # the client went away
