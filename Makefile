@@ -35,6 +35,10 @@ lint: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --shape pack $(BENCH_ARGS)
+	$(BIN)/python -m bench.variants
+	$(BIN)/python -m bench.variants --shape pack
+	$(BIN)/python -m bench.git
 	$(BIN)/python -m bench.upload
 	$(BIN)/python -m bench.mirror
 	$(BIN)/python -m bench.s3miss

@@ -31,11 +31,13 @@ from gitcache.mirror.store import MirrorStore
 from gitcache.mirror.upkeep import Upkeep
 from gitcache.refresh import Refresher
 from gitcache.repo import RepoRef
+from gitcache.smart.service import PackService
 from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
-from gitcache.web import admin
+from gitcache.web import admin, git
 from gitcache.web.errors import error_middleware
+from gitcache.web.git import GIT_ROUTE
 from gitcache.web.hooks import hook
 from gitcache.web.observe import observe_middleware
 from gitcache.web.snapshot import snapshot, source
@@ -124,6 +126,7 @@ async def _snapshots(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(clear_mirror_locks, mirrors.root)
     producer.clean_leftovers()
     app[keys.MIRRORS], app[keys.SNAPSHOTS] = mirrors, service
+    app[keys.PACKS] = PackService(mirrors, producer, clock)
     yield
 
 
@@ -219,5 +222,8 @@ def _add_routes(app: web.Application) -> None:
         assert resource is not None
         for status in ("200", "500"):  # at 0 from the start, for the 5xx alert's rate()
             app[keys.METRICS].requests.labels(resource.canonical, "GET", status)
+    app.router.add_get(GIT_ROUTE + "info/refs", git.info_refs)
+    app.router.add_post(GIT_ROUTE + "git-upload-pack", git.upload_pack)
+    app.router.add_post(GIT_ROUTE + "git-receive-pack", git.receive_pack)
     app.router.add_post("/hooks/{kind}", hook)
     admin.add_routes(app)

@@ -35,7 +35,8 @@ from gitcache.repo import RepoRef
 
 log = logging.getLogger(__name__)
 
-BEARER_CHALLENGE = 'Bearer realm="gitcache"'
+# Basic too: git asks its credential helper only when offered a scheme it knows.
+BEARER_CHALLENGE = 'Bearer realm="gitcache", Basic realm="gitcache"'
 BASIC_CHALLENGE = 'Basic realm="gitcache"'
 
 
@@ -75,10 +76,18 @@ class Tokens:
         return cls(tokens)
 
     def identify(self, authorization: str) -> Token:
-        """The token an ``Authorization: Bearer …`` header presents; 401 otherwise. Every
-        known hash is compared, in constant time, whatever matches."""
+        """The token an ``Authorization: Bearer …`` header presents, or the password of a
+        Basic one (what git's credential helpers send); 401 otherwise. Every known hash is
+        compared, in constant time, whatever matches."""
         scheme, _, presented = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+        if scheme.lower() == "basic":
+            try:
+                presented = base64.b64decode(presented.strip()).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                presented = ""
+        elif scheme.lower() != "bearer":
+            presented = ""
+        if not presented.strip():
             raise Unauthorized("a bearer token is required", challenge=BEARER_CHALLENGE)
         digest = hashlib.sha256(presented.strip().encode()).hexdigest().encode()
         found = None

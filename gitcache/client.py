@@ -79,12 +79,21 @@ def parse_repository(text: str) -> tuple[str, str, str]:
     return host.lower(), path, url or f"https://{host}/{path}.git"
 
 
-def snapshot_url(server: str, host: str, path: str, ref: str | None, max_age: int | None) -> str:
+def snapshot_url(
+    server: str,
+    host: str,
+    path: str,
+    ref: str | None,
+    max_age: int | None,
+    depth: int | None = None,
+) -> str:
     query = {}
     if ref:
         query["ref"] = ref
     if max_age is not None:
         query["max_age"] = str(max_age)
+    if depth is not None:
+        query["depth"] = str(depth)
     url = f"{server.rstrip('/')}/git/{host}/{urllib.parse.quote(path)}/snapshot.tar.zst"
     return url + ("?" + urllib.parse.urlencode(query) if query else "")
 
@@ -487,10 +496,8 @@ def clone(args: argparse.Namespace) -> int:
     target = Path(args.directory or path.rsplit("/", 1)[-1]).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise Failed(f"destination path '{target}' already exists and is not an empty directory")
-    if args.depth is not None:
-        raise Failed("--depth needs shallow snapshots, which this gitcache does not build yet")
-    if args.via_proxy:
-        raise Failed("--via-proxy needs gitcache's git endpoint, which it does not serve yet")
+    if args.depth is not None and args.depth < 1:
+        raise Failed(f"--depth must be a positive number, not {args.depth}")
     server = args.server or os.environ.get("GITCACHE_URL")
     if not server:
         raise Failed("no server: pass --server URL or set GITCACHE_URL")
@@ -506,13 +513,17 @@ def clone(args: argparse.Namespace) -> int:
         command = ["git", "clone", "--quiet"] if args.quiet else ["git", "clone"]
         if args.ref:
             command += ["--branch", args.ref]
+        if args.depth is not None:
+            command += ["--depth", str(args.depth)]
+        if args.via_proxy:
+            print("gitcache: --via-proxy not applied: gitcache is down", file=sys.stderr)
         return subprocess.call([*command, "--", upstream, str(target)])
 
 
 def from_gitcache(
     args: argparse.Namespace, server: str, host: str, path: str, target: Path, token: str | None
 ) -> int:
-    url = snapshot_url(server, host, path, args.ref, args.max_age)
+    url = snapshot_url(server, host, path, args.ref, args.max_age, args.depth)
     download = Download(url, token, args.quiet)
     temporary = target.parent / f".{target.name}.gitcache-{os.getpid()}"
     try:
@@ -520,6 +531,8 @@ def from_gitcache(
         restore(download.chunks(), temporary)
         download.progress.finish()
         stamp_index(temporary)
+        if args.via_proxy:
+            via_proxy(temporary, server, host, path)
         if target.exists():
             target.rmdir()  # empty, checked above
         temporary.rename(target)
@@ -539,6 +552,23 @@ def from_gitcache(
     return 0
 
 
+def via_proxy(root: Path, server: str, host: str, path: str) -> None:
+    """Send the clone's later fetches through gitcache's git endpoint: an ``insteadOf``
+    line in its own config, from the upstream's prefix of ``origin`` to gitcache's."""
+    origin = subprocess.run(
+        ["git", "-C", str(root), "config", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    at = origin.find("/" + path)
+    if at < 0:
+        raise Failed(f"--via-proxy: origin {origin!r} does not end in {path!r}")
+    ours = f"{server.rstrip('/')}/git/{host}/"
+    key = f"url.{ours}.insteadOf"
+    subprocess.run(["git", "-C", str(root), "config", key, origin[: at + 1]], check=True)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="gitcache", description=__doc__.split("\n\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -547,14 +577,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("directory", nargs="?", help="where to (default: the repository's name)")
     sub.add_argument("--server", help="gitcache's URL (default: $GITCACHE_URL)")
     sub.add_argument("--ref", help="branch, tag or full commit id (default: the default branch)")
-    sub.add_argument("--depth", type=int, help="a shallow clone (not built by gitcache yet)")
+    sub.add_argument("--depth", type=int, help="a shallow clone of the last N commits")
     sub.add_argument("--max-age", type=int, help="seconds: how fresh the snapshot must be")
     sub.add_argument("--token-env", help="environment variable holding a gitcache token")
     sub.add_argument("--no-fallback", action="store_true", help="never fall back to git clone")
     sub.add_argument(
         "--via-proxy",
         action="store_true",
-        help="later fetches through gitcache (not served by gitcache yet)",
+        help="later fetches of the clone through gitcache's git endpoint (an insteadOf line)",
     )
     sub.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     return root

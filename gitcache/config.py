@@ -102,6 +102,13 @@ class ServerConfig(Section):
     max_generations: StrictInt = Field(
         16, ge=1, le=10_000, description="snapshot generations at once; past it a 503"
     )
+    max_git_requests: StrictInt = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="git requests the mirror answers one by one at once (ref listings, "
+        "negotiation rounds); past it a 503",
+    )
     max_clients_per_generation: StrictInt = Field(
         256, ge=1, le=100_000, description="clients streaming one generation at once; past it a 503"
     )
@@ -229,6 +236,13 @@ class CacheConfig(Section):
         description='`"disk"`; `"s3"` (a bucket replicas share); `"tiered"` (disk in front of S3)',
     )
     keep: StrictInt = Field(2, ge=1, le=1000, description="snapshots kept per repository and ref")
+    keep_packs: StrictInt = Field(
+        64,
+        ge=1,
+        le=10000,
+        description="cached upload-pack responses kept per repository, the newest (they share "
+        "the repository's manifest)",
+    )
     scrub_interval: Duration = Field(
         seconds("1d"),
         description="how often every cached snapshot, on every tier, is read back and hashed "

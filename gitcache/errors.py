@@ -66,6 +66,11 @@ class PreconditionFailed(GitcacheError):
     code = "precondition_failed"
 
 
+class PayloadTooLarge(GitcacheError):
+    status = 413
+    code = "payload_too_large"
+
+
 class RangeNotSatisfiable(GitcacheError):
     status = 416
     code = "range_not_satisfiable"

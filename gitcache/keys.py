@@ -18,6 +18,7 @@ from gitcache.health import Health
 from gitcache.metrics import Metrics
 from gitcache.mirror.store import MirrorStore
 from gitcache.refresh import Refresher
+from gitcache.smart.service import PackService
 from gitcache.snapshot.service import SnapshotService
 from gitcache.tasks import TaskSet
 
@@ -33,6 +34,7 @@ BUCKET: web.AppKey[Bucket | None] = web.AppKey("bucket")
 LEASES: web.AppKey[Leases | None] = web.AppKey("leases")
 BACKGROUND = web.AppKey("background", bool)  # whether periodic loops run by themselves
 SNAPSHOTS = web.AppKey("snapshots", SnapshotService)
+PACKS = web.AppKey("packs", PackService)
 REFRESHER = web.AppKey("refresher", Refresher)
 SCRUBBER = web.AppKey("scrubber", Scrubber)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")

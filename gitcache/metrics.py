@@ -25,10 +25,21 @@ from gitcache.snapshot.source import Source
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 RESULTS = ("ok", "failed")  # the one vocabulary of every ``result`` label
+GENERATION_KINDS = ("snapshot", "pack")  # what a generation makes
+GIT_LABELS = (
+    ("info-refs", "mirror"),
+    *(("upload-pack", source) for source in ("hit", "miss", "follower", "mirror")),
+    ("receive-pack", "refused"),
+)
 SOURCES = tuple(Source)
 TIERS = ("disk", "s3", "tiered", "spool")
 MIRROR_OPERATIONS = ("clone", "restore", "fetch", "rebuild", "archive", "repack", "fsck")
-LIMITS = ("max_generations", "max_clients_per_generation", "max_connections")
+LIMITS = (
+    "max_generations",
+    "max_clients_per_generation",
+    "max_connections",
+    "max_git_requests",
+)
 # Seconds: from a sendfile hit on loopback to a clone of a large repository.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -57,6 +68,7 @@ class Metrics:
         self._caches(r)
         self._s3(r)
         self._refresh(r)
+        self._git(r)
         self._zero_label_sets()
 
     def _requests(self, r: CollectorRegistry) -> None:
@@ -95,23 +107,28 @@ class Metrics:
 
     def _generations(self, r: CollectorRegistry) -> None:
         self.generations_started = Counter(
-            "gitcache_generations_started_total", "Snapshot generations started.", registry=r
+            "gitcache_generations_started_total",
+            "Generations started: snapshots, and upload-pack responses for the pack cache.",
+            ["kind"],
+            registry=r,
         )
         self.generations = Counter(
             "gitcache_generations_total",
-            "Snapshot generations by result.",
-            ["result"],
+            "Generations by kind and result.",
+            ["kind", "result"],
             registry=r,
         )
         self.generation_duration = Histogram(
             "gitcache_generation_duration_seconds",
-            "Duration of snapshot generations.",
+            "Duration of generations.",
+            ["kind"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.generation_bytes = Counter(
             "gitcache_generation_bytes_total",
-            "Compressed bytes written by generations.",
+            "Bytes written by generations (compressed, for snapshots).",
+            ["kind"],
             registry=r,
         )
         self.generations_in_flight = Gauge(
@@ -229,6 +246,22 @@ class Metrics:
             registry=r,
         )
 
+    def _git(self, r: CollectorRegistry) -> None:
+        self.git_responses = Counter(
+            "gitcache_git_responses_total",
+            "Git smart-HTTP responses by service (info-refs, upload-pack, receive-pack) and "
+            "source (hit, miss, follower: a cached or shared pack; mirror: answered by the "
+            "mirror alone; refused: a push).",
+            ["service", "source"],
+            registry=r,
+        )
+        self.git_bytes = Counter(
+            "gitcache_git_bytes_total",
+            "Bytes of git smart-HTTP responses sent, by service and source.",
+            ["service", "source"],
+            registry=r,
+        )
+
     def _zero_label_sets(self) -> None:
         """Label sets that alerts and dashboards use, present at 0 from the start: a rate()
         over them says 0 on a quiet server, not "no data"."""
@@ -237,8 +270,13 @@ class Metrics:
             self.ttfb.labels(source)
             for tier in TIERS:
                 self.snapshot_responses.labels(source, tier)
+        for kind in GENERATION_KINDS:
+            self.generations_started.labels(kind)
+            self.generation_bytes.labels(kind)
+            self.generation_duration.labels(kind)
+            for result in RESULTS:
+                self.generations.labels(kind, result)
         for result in RESULTS:
-            self.generations.labels(result)
             self.refresh_jobs.labels(result)
             for operation in MIRROR_OPERATIONS:
                 self.mirror_operations.labels(operation, result)
@@ -246,6 +284,9 @@ class Metrics:
             self.s3_uploads.labels(result)
         for limit in LIMITS:
             self.overloaded.labels(limit)
+        for service, origin in GIT_LABELS:
+            self.git_responses.labels(service, origin)
+            self.git_bytes.labels(service, origin)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 if never set): counts are kept here only."""

@@ -13,14 +13,14 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from gitcache import keys
-from gitcache.snapshot import producer as producer_module
+from gitcache.snapshot import jobs as jobs_module
 from tests.upstream import git
 
 
 def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None]]) -> None:
     """Make generations use the real tar stream, awaiting ``after_chunk(bytes so far)``
     after each chunk: to slow a generation down, or to make it fail part-way."""
-    real = producer_module.build_tar
+    real = jobs_module.build_tar
 
     async def wrapped(*args: Any, **kwargs: Any) -> Any:
         sent = 0
@@ -30,7 +30,7 @@ def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None
                 sent += len(chunk)
                 await after_chunk(sent)
 
-    monkeypatch.setattr(producer_module, "build_tar", wrapped)
+    monkeypatch.setattr(jobs_module, "build_tar", wrapped)
 
 
 HOST = "example.test"

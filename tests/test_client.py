@@ -18,7 +18,7 @@ import zstandard
 from aiohttp import web
 
 from gitcache import client as client_module
-from tests.helpers import HOST, snapshot_url, status, tree
+from tests.helpers import HOST, sample, snapshot_url, status, tree
 from tests.upstream import Upstream, agit, git
 
 CLIENT = str(Path(client_module.__file__))
@@ -84,10 +84,9 @@ async def test_refusals_touch_nothing(client: Any, rich: str, scratch: Path) -> 
     code, err = await run_client("--server", base(client), f"{HOST}/{rich}", str(taken))
     assert code == 1 and "already exists" in err
     assert (taken / "file").read_text() == "mine"
-    code, err = await run_client("--server", base(client), "--depth", "1", f"{HOST}/{rich}")
+    depth = ("--server", base(client), "--depth", "0", f"{HOST}/{rich}", str(tmp_path / "d"))
+    code, err = await run_client(*depth)
     assert code == 1 and "--depth" in err
-    code, err = await run_client("--server", base(client), "--via-proxy", f"{HOST}/{rich}")
-    assert code == 1 and "--via-proxy" in err
     code, err = await run_client("--server", base(client), f"{HOST}/no/such", str(tmp_path / "x"))
     assert code == 1 and "404" in err and "git clone" not in err  # no fallback on a 4xx
     assert leftovers(tmp_path) == ["taken"]
@@ -284,3 +283,26 @@ async def test_the_index_has_the_stat_data_of_the_files(
     readme = work / "README.md"
     readme.write_text(readme.read_text().upper())
     assert " M README.md" in status(work)
+
+
+async def test_depth_and_via_proxy(
+    client: Any, upstream: Upstream, rich: str, scratch: Path
+) -> None:
+    """A shallow snapshot; and a clone whose later fetches go through gitcache."""
+    target = scratch / "shallow"
+    args = ("--server", base(client), "--depth", "1", "--via-proxy", f"{HOST}/{rich}")
+    code, err = await run_client(*args, str(target))
+    assert code == 0, err
+    assert git("rev-parse", "--is-shallow-repository", cwd=target).strip() == "true"
+    assert len(git("log", "--format=%H", cwd=target).split()) == 1
+    assert git("config", "remote.origin.url", cwd=target).strip() == upstream.url(rich)
+    git("fsck", "--no-progress", cwd=target)
+    assert status(target) == ""
+
+    before = len(upstream.requests)
+    await agit("fetch", "-q", "--unshallow", cwd=target)  # through gitcache, from its mirror
+    assert git("rev-parse", "--is-shallow-repository", cwd=target).strip() == "false"
+    page = await (await client.get("/metrics")).text()
+    assert sample(page, "gitcache_git_responses_total", service="upload-pack") >= 1
+    # The mirror was fresh: the upstream was not asked for the unshallow.
+    assert not any("upload-pack" in p for p, _ in upstream.requests[before:])

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -149,3 +149,50 @@ async def run_git(
         text = mask_credentials(stderr.decode("utf-8", "replace").strip())
         raise _failure(args, proc.returncode, text)
     return stdout or b""
+
+
+STREAM_CHUNK = 64 * 1024  # what a streamed git's stdout is read in
+
+
+async def stream_git(
+    args: Sequence[str],
+    *,
+    input: bytes,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Run git with ``input`` on its stdin and yield its stdout as it comes; at the end
+    raise GitError if it failed, or GitTimeout once ``timeout`` has passed. Closing the
+    generator early kills git's group."""
+    proc = await _spawn(
+        args,
+        cwd=None,
+        env=env or git_env(),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    deadline = asyncio.get_running_loop().time() + timeout
+
+    async def feed(stdin: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):  # git may stop reading early
+            stdin.write(input)
+            await stdin.drain()
+            stdin.close()
+
+    feeding = asyncio.ensure_future(feed(proc.stdin))
+    stderr = asyncio.ensure_future(proc.stderr.read())
+    try:
+        async with asyncio.timeout_at(deadline):
+            while chunk := await proc.stdout.read(STREAM_CHUNK):
+                yield chunk
+            await proc.wait()
+            text = (await stderr).decode("utf-8", "replace").strip()
+    except TimeoutError:
+        raise GitTimeout(f"git {args[0]} timed out after {timeout:g}s") from None
+    finally:
+        feeding.cancel()
+        await _reap(proc, proc.stdout)  # stderr is being read to its end already
+        await asyncio.gather(feeding, stderr, return_exceptions=True)
+    if proc.returncode != 0:
+        raise _failure(args, proc.returncode, mask_credentials(text))

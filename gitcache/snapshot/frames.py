@@ -10,6 +10,7 @@ pays and stored where it does not, which decodes as one stream.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import NamedTuple
 
 import xxhash
@@ -23,10 +24,33 @@ HEADER = MAGIC + b"\x04\x38"
 _RAW, _LAST = 0, 1
 
 
+class Framing(Enum):
+    """How a spool writes a chunk: through zstd, in a stored frame, or as it is (a spool
+    that is not zstd at all: an upload-pack response)."""
+
+    COMPRESSED = "compressed"
+    STORED = "stored"
+    VERBATIM = "verbatim"
+
+
 class Stored(NamedTuple):
     """Bytes of a snapshot's tar that go into a stored frame rather than through zstd."""
 
     data: bytes
+
+
+class Verbatim(NamedTuple):
+    """Bytes written to a spool as they are, outside any frame."""
+
+    data: bytes
+
+
+def framing(chunk: bytes | Stored | Verbatim) -> tuple[bytes, Framing]:
+    if isinstance(chunk, Stored):
+        return chunk.data, Framing.STORED
+    if isinstance(chunk, Verbatim):
+        return chunk.data, Framing.VERBATIM
+    return chunk, Framing.COMPRESSED
 
 
 def _block_header(size: int, *, last: bool) -> bytes:

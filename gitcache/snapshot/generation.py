@@ -16,7 +16,7 @@ import zstandard
 
 from gitcache.errors import GenerationFailed, GitcacheError
 from gitcache.files import CHUNK, Descriptor, HashBehind, SyncBehind
-from gitcache.snapshot.frames import Stored, StoredFrame
+from gitcache.snapshot.frames import Framing, Stored, StoredFrame, Verbatim, framing
 from gitcache.tasks import run_blocking
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ _SYNC_EVERY = 32 * 1024 * 1024
 class SpoolWriter:
     """Writes a snapshot's tar into a new file as a sequence of zstd frames: compressed
     frames for what compresses, stored frames (see ``frames``) for what does not, which
-    decode as one stream. It counts and hashes what it writes. Its methods block
-    (compression is CPU work): call them off the event loop, one at a time."""
+    decode as one stream; or bytes as they are, for a spool that is not zstd. It counts
+    and hashes what it writes. Its methods block (compression is CPU work): call them off
+    the event loop, one at a time."""
 
     def __init__(self, path: Path, level: int, threads: int) -> None:
         self.size = 0
@@ -48,11 +49,15 @@ class SpoolWriter:
         self._compressing: zstandard.ZstdCompressionObj | None = None  # an open frame
         self._storing: StoredFrame | None = None  # or this one
 
-    def write(self, data: bytes, *, stored: bool = False, flush: bool = False) -> int:
-        """Add ``data`` to the stream, in a stored frame or a compressed one. ``flush``:
-        hand everything so far to the readers now (the first bytes of a miss)."""
+    def write(
+        self, data: bytes, *, framing: Framing = Framing.COMPRESSED, flush: bool = False
+    ) -> int:
+        """Add ``data`` to the stream, framed as ``framing`` says. ``flush``: hand
+        everything so far to the readers now (the first bytes of a miss)."""
         pieces: list[bytes | memoryview] = []
-        if stored:
+        if framing is Framing.VERBATIM:
+            pieces += [*self._end_compressed(), *self._end_stored(), data]
+        elif framing is Framing.STORED:
             pieces += self._end_compressed()
             self._storing = self._storing or StoredFrame()
             pieces += self._storing.update(data)
@@ -271,7 +276,9 @@ class SpoolReader(Descriptor):
 
 
 async def write_spool(
-    generation: Generation, chunks: AsyncIterator[bytes | Stored], writer: SpoolWriter
+    generation: Generation,
+    chunks: AsyncIterator[bytes | Stored | Verbatim],
+    writer: SpoolWriter,
 ) -> tuple[int, str]:
     """Write ``chunks`` through ``writer`` into the generation's spool, advancing its
     readers; return the spool's size and sha256 once it is complete and checked. The
@@ -279,28 +286,31 @@ async def write_spool(
 
     Assembling the tar (reading packs, piping git archive) and writing it overlap: a
     producer batches chunks into a small bounded queue while a worker thread frames and
-    compresses them, so a miss costs about the slower of the two rather than their sum."""
-    queue: asyncio.Queue[tuple[bytes, bool] | BaseException | None] = asyncio.Queue(PIPELINE_DEPTH)
+    compresses them, so a miss costs about the slower of the two rather than their sum.
+    Verbatim chunks (a git response, with its progress messages) are not held back."""
+    queue: asyncio.Queue[tuple[bytes, Framing] | BaseException | None] = asyncio.Queue(
+        PIPELINE_DEPTH
+    )
 
     async def produce() -> None:
         try:
-            batch, stored, first = bytearray(), False, True
+            batch, kind, first = bytearray(), Framing.COMPRESSED, True
             async for chunk in chunks:
-                data, kind = (chunk.data, True) if isinstance(chunk, Stored) else (chunk, False)
-                if batch and kind != stored:
-                    await queue.put((bytes(batch), stored))
+                data, this = framing(chunk)
+                if batch and this is not kind:
+                    await queue.put((bytes(batch), kind))
                     batch.clear()
-                stored = kind
-                if not batch and len(data) >= CHUNK:  # a whole batch already: no copy
-                    await queue.put((data, stored))
+                kind = this
+                if not batch and (len(data) >= CHUNK or kind is Framing.VERBATIM):
+                    await queue.put((data, kind))  # a whole batch already: no copy
                     continue
                 batch += data
                 # The first batch (the small .git files) goes out at once: the first byte.
                 if first or len(batch) >= CHUNK:
-                    await queue.put((bytes(batch), stored))
+                    await queue.put((bytes(batch), kind))
                     batch.clear()
                     first = False
-            await queue.put((bytes(batch), stored))
+            await queue.put((bytes(batch), kind))
             await queue.put(None)
         except Exception as exc:
             await queue.put(exc)
@@ -311,8 +321,8 @@ async def write_spool(
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            data, stored = item
-            generation.advance(await run_blocking(writer.write, data, stored=stored, flush=first))
+            data, kind = item
+            generation.advance(await run_blocking(writer.write, data, framing=kind, flush=first))
             first = False
         generation.advance(await run_blocking(writer.end))
         size = await run_blocking(writer.finish)

@@ -1,5 +1,6 @@
-"""Running a generation: the tar of a snapshot compressed into its spool, verified,
-committed to the cache, with its clients following the spool (see ``generation``)."""
+"""Running a generation: what a job makes (a snapshot's tar, an upload-pack response)
+written into its spool, verified, committed to the cache, with its clients following the
+spool (see ``generation``)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,46 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Protocol
 
 from gitcache.cache.base import Cache, Entry, Upload
 from gitcache.config import Config
 from gitcache.errors import GenerationFailed, GitcacheError, Overloaded
 from gitcache.metrics import Metrics
 from gitcache.mirror.mirror import Mirror
-from gitcache.mirror.refs import Checkout
-from gitcache.repo import RefSpec, RepoRef
-from gitcache.snapshot.assemble import build_tar
+from gitcache.repo import RepoRef
+from gitcache.snapshot.frames import Stored, Verbatim
 from gitcache.snapshot.generation import Generation, SpoolWriter, remove_spool, write_spool
 from gitcache.tasks import TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
 
 
+class Job(Protocol):
+    """What one generation makes, from ``mirror``: the chunks of its spool, and what its
+    cache entry is labelled with. ``kind`` names it in metrics; ``keep``: how many entries
+    of its label the cache keeps."""
+
+    @property
+    def mirror(self) -> Mirror: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def commit(self) -> str: ...
+    @property
+    def keep(self) -> int: ...
+
+    def chunks(self, work: Path) -> AsyncGenerator[bytes | Stored | Verbatim, None]:
+        """The spool's chunks; ``work`` is an empty directory of the job's own."""
+
+
 class Producer:
-    """The generations running now, at most one per snapshot key."""
+    """The generations running now, at most one per key: one mechanism, whatever the
+    job (a snapshot's tar, an upload-pack response)."""
 
     def __init__(
         self,
@@ -57,34 +79,26 @@ class Producer:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
 
-    def start(
-        self, repo: RepoRef, mirror: Mirror, spec: RefSpec, checkout: Checkout, key: str
-    ) -> Generation:
+    def start(self, repo: RepoRef, key: str, job: Job) -> Generation:
         if len(self.running) >= self.config.server.max_generations:
             self.metrics.overloaded.labels("max_generations").inc()
             raise Overloaded("too many snapshots are being generated")
         spool = self._spool_dir / f"{repo.slug}.{key}.{uuid.uuid4().hex[:8]}.partial"
-        generation = Generation(key, checkout.commit, spool)
+        generation = Generation(key, job.commit, spool)
         cfg = self.config.snapshot
         # Created here, synchronously, so the first reader can join before this returns.
         writer = SpoolWriter(spool, cfg.zstd_level, cfg.zstd_threads)
         generation.open_spool()
         self.running[(repo, key)] = generation
-        self.metrics.generations_started.inc()
+        self.metrics.generations_started.labels(job.kind).inc()
         self._tasks.spawn(
-            self._generate(repo, mirror, spec, checkout, generation, writer),
+            self._generate(repo, job, generation, writer),
             name=f"generate:{repo.name}:{key}",
         )
         return generation
 
     async def _generate(
-        self,
-        repo: RepoRef,
-        mirror: Mirror,
-        spec: RefSpec,
-        checkout: Checkout,
-        generation: Generation,
-        writer: SpoolWriter,
+        self, repo: RepoRef, job: Job, generation: Generation, writer: SpoolWriter
     ) -> None:
         started = time.monotonic()
         work = self._tmp_dir / f"gen-{uuid.uuid4().hex}"
@@ -92,11 +106,11 @@ class Producer:
         upload = self.cache.begin(repo, generation.key, generation.tail)
         committed: Entry | None = None
         try:
-            entry = await self._write(mirror, spec, checkout, generation, writer, work)
+            entry = await self._write(job, generation, writer, work)
             committed = await self._commit(repo, generation, entry, upload)
-            self.metrics.generations.labels("ok").inc()
-            self.metrics.generation_bytes.inc(entry.size)
-            self.metrics.generation_duration.observe(time.monotonic() - started)
+            self.metrics.generations.labels(job.kind, "ok").inc()
+            self.metrics.generation_bytes.labels(job.kind).inc(entry.size)
+            self.metrics.generation_duration.labels(job.kind).observe(time.monotonic() - started)
             log.info(
                 "generated %s %s: %d bytes in %.2fs",
                 repo.name,
@@ -105,10 +119,11 @@ class Producer:
                 time.monotonic() - started,
             )
         except asyncio.CancelledError:
-            self._failed(repo, generation, GenerationFailed("gitcache is shutting down"), True)
+            aborted = GenerationFailed("gitcache is shutting down")
+            self._failed(repo, job, generation, aborted, True)
             raise
         except Exception as exc:
-            self._failed(repo, generation, exc)
+            self._failed(repo, job, generation, exc)
         finally:
             writer.close()
             self.running.pop((repo, generation.key), None)
@@ -119,38 +134,25 @@ class Producer:
             with contextlib.suppress(OSError):
                 await run_blocking(shutil.rmtree, work, ignore_errors=True)
         if committed is not None:
-            await self._prune(repo, committed)
+            await self._prune(repo, committed, job.keep)
 
     async def _write(
-        self,
-        mirror: Mirror,
-        spec: RefSpec,
-        checkout: Checkout,
-        generation: Generation,
-        writer: SpoolWriter,
-        work: Path,
+        self, job: Job, generation: Generation, writer: SpoolWriter, work: Path
     ) -> Entry:
-        """The snapshot's tar, compressed into the spool and verified; its entry."""
+        """What the job makes, written into the spool and checked; its entry."""
+        mirror = job.mirror
         assert mirror.refs is not None
         refs_digest, fetched_at = mirror.refs.digest, mirror.fetched_at
         await run_blocking(work.mkdir, parents=True)
-        chunks = build_tar(
-            mirror,
-            checkout,
-            spec.variant,
-            work,
-            git_timeout=self.config.mirrors.git_timeout,
-            # An archive of a large tree may take as long as its clone did.
-            archive_timeout=self.config.mirrors.clone_timeout,
-        )
+        chunks = job.chunks(work)
         try:
             size, sha256 = await write_spool(generation, chunks, writer)
         finally:
             await chunks.aclose()
         return Entry(
             key=generation.key,
-            ref=spec.label,
-            commit=checkout.commit,
+            ref=job.label,
+            commit=job.commit,
             refs_digest=refs_digest,
             size=size,
             sha256=sha256,
@@ -186,10 +188,15 @@ class Producer:
         return committed
 
     def _failed(
-        self, repo: RepoRef, generation: Generation, exc: Exception, aborted: bool = False
+        self,
+        repo: RepoRef,
+        job: Job,
+        generation: Generation,
+        exc: Exception,
+        aborted: bool = False,
     ) -> None:
         generation.fail(exc)
-        self.metrics.generations.labels("failed").inc()
+        self.metrics.generations.labels(job.kind, "failed").inc()
         # A traceback only for the unexpected: known failures explain themselves.
         log.log(
             logging.WARNING if aborted else logging.ERROR,
@@ -200,10 +207,10 @@ class Producer:
             exc_info=not isinstance(exc, GitcacheError),
         )
 
-    async def _prune(self, repo: RepoRef, committed: Entry) -> None:
+    async def _prune(self, repo: RepoRef, committed: Entry, keep: int) -> None:
         """After the clients saw their end: nobody waits on the retention sweep."""
         try:
-            await self.cache.prune(repo, committed.ref, self.config.cache.keep)
+            await self.cache.prune(repo, committed.ref, keep)
         except Exception:
             log.exception("could not prune the snapshots of %s", repo.name)
 

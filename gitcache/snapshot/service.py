@@ -26,6 +26,7 @@ from gitcache.repo import RefSpec, RepoRef
 from gitcache.snapshot.generation import (
     SpoolReader,
 )
+from gitcache.snapshot.jobs import SnapshotJob
 from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.source import Source
 from gitcache.variant import Kind
@@ -110,7 +111,7 @@ class SnapshotService:
 
     @property
     def generations_started(self) -> int:
-        return int(self._metrics.value("gitcache_generations_started_total"))
+        return int(self._metrics.value("gitcache_generations_started_total", kind="snapshot"))
 
     @property
     def running(self) -> int:
@@ -202,7 +203,8 @@ class SnapshotService:
             return stream
         if want is Want.HEADERS:
             return Stream(checkout.commit, Source.MISS, None, mirror.fetched_at)
-        generation = self.producer.start(repo, mirror, spec, checkout, key)
+        job = SnapshotJob(mirror, spec, checkout, self._config)
+        generation = self.producer.start(repo, key, job)
         body = generation.reader() if want is Want.BODY else None
         return Stream(checkout.commit, Source.MISS, body, mirror.fetched_at)
 

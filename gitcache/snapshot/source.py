@@ -1,4 +1,4 @@
-"""Where a snapshot response comes from: ``X-Gitcache-Source`` and the ``source`` label."""
+"""Where a response comes from: ``X-Gitcache-Source`` and the ``source`` label."""
 
 from __future__ import annotations
 
@@ -10,3 +10,4 @@ class Source(StrEnum):
     MISS = "miss"  # this request started the generation
     FOLLOWER = "follower"  # joined a generation already running
     STALE = "stale"  # the upstream failed: an older snapshot stands in
+    MIRROR = "mirror"  # a git request answered by the mirror itself, not shared or cached

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -17,18 +16,17 @@ from gitcache import keys
 from gitcache.cache.s3 import S3Reader
 from gitcache.errors import BadRequest, EntryGone, GitcacheError
 from gitcache.repo import RefSpec, RepoRef, parse_ref, parse_repo
-from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK, SpoolReader
+from gitcache.snapshot.generation import SLOW_READ_CHUNK
 from gitcache.snapshot.service import Hit, Stream, Want
 from gitcache.snapshot.source import Source
-from gitcache.tasks import run_blocking
 from gitcache.variant import Kind, parse_variant
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
+from gitcache.web.follow import cut, follow
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/zstd"
-FOLLOW_SPAN = 16 * 1024 * 1024  # the most one sendfile of a spool sends
 
 
 def _common_headers(commit: str, source: str) -> dict[str, str]:
@@ -223,22 +221,11 @@ async def _send_hit_body(
         entry = hit.reader.entry
         log.error("hit %s of %s failed mid-body: %s", entry.key, repo.name, exc.__cause__)
         request.app[keys.SCRUBBER].recheck(repo, entry)
-        return _cut(request, response)
+        return cut(request, response)
     except OSError:  # the client went away mid-file
-        return _cut(request, response)
+        return cut(request, response)
     request[keys.REQUEST_INFO]["bytes"] = plan.length
     await response.write_eof()
-    return response
-
-
-def _cut(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """End a response that is under way abnormally: the connection is closed before the
-    final chunk (or before Content-Length bytes), so ``curl -f`` fails rather than keep a
-    truncated file. aiohttp's own write of the end then meets a closed transport, which it
-    takes quietly: the failure is logged once, where it happened."""
-    if request.transport is not None:
-        request.transport.abort()
-    request[keys.REQUEST_INFO]["aborted"] = True
     return response
 
 
@@ -288,52 +275,6 @@ async def _send_file(
         await chunks.aclose()
 
 
-async def _follow(request: web.Request, response: web.StreamResponse, body: SpoolReader) -> None:
-    """The rest of a generation's spool to the client as it is written."""
-    transport = request.transport
-    if transport is not None and await _follow_with_sendfile(request, transport, body):
-        return
-    info = request[keys.REQUEST_INFO]
-    while True:
-        # A client that has not taken the last chunk yet gets small ones: 200 slow
-        # clients then hold a few MiB between them, not a chunk each.
-        behind = transport is not None and transport.get_write_buffer_size() > 0
-        chunk = await body.read(SLOW_READ_CHUNK if behind else READ_CHUNK)
-        if not chunk:
-            return
-        await response.write(chunk)
-        info["bytes"] += len(chunk)
-
-
-async def _follow_with_sendfile(
-    request: web.Request, transport: asyncio.Transport, body: SpoolReader
-) -> bool:
-    """Send the spool as it is written, each chunk of the chunked encoding with sendfile:
-    no copy, no thread, nothing held in memory for a slow client. False if the transport
-    has no sendfile (TLS, say), after the first chunk was copied: the caller copies the
-    rest."""
-    loop = asyncio.get_running_loop()
-    info = request[keys.REQUEST_INFO]
-    spool = body.file()
-    while True:
-        offset, length = await body.span(FOLLOW_SPAN)
-        if not length:
-            return True
-        if transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        # The chunk's framing, as the response's own writes would frame it.
-        transport.write(b"%x\r\n" % length)
-        try:
-            await loop.sendfile(transport, spool, offset, length, fallback=False)
-        except asyncio.SendfileNotAvailableError:
-            transport.write(await run_blocking(os.pread, body.fileno(), length, offset))
-            transport.write(b"\r\n")
-            info["bytes"] += length
-            return False
-        transport.write(b"\r\n")
-        info["bytes"] += length
-
-
 async def _send_stream(
     request: web.Request, repo: RepoRef, stream: Stream, extra: dict[str, str]
 ) -> web.StreamResponse:
@@ -355,11 +296,11 @@ async def _send_stream(
         _first_byte(request, stream.source)
         try:
             await response.write(first)
-            await _follow(request, response, body)
+            await follow(request, response, body)
         except GitcacheError:  # the generation failed (it logs why, once)
-            return _cut(request, response)
+            return cut(request, response)
         except OSError:  # the client went away
-            return _cut(request, response)
+            return cut(request, response)
         await response.write_eof()
         return response
     finally:
