@@ -40,6 +40,15 @@ def upload_pack_posts(upstream: Upstream, repo: str) -> int:
     return sum(1 for path, _ in upstream.requests if path == f"/{repo}.git/git-upload-pack")
 
 
+async def push_upstream(upstream: Upstream, repo: str, work: Path, name: str, ref: str) -> str:
+    """A new commit (adding ``name``) pushed straight into the upstream's ``ref``."""
+    await agit("clone", "-q", upstream.url(repo), str(work))
+    (work / name).write_text(f"{name}\n")
+    pushed = commit_all(work, f"add {name}")
+    git("push", "-q", str(upstream.root / f"{repo}.git"), ref, cwd=work)
+    return pushed
+
+
 @pytest.mark.parametrize("version", [2, 0])
 async def test_a_clone_through_gitcache_equals_a_direct_one(
     client: Any, upstream: Upstream, rich: str, scratch: Path, version: int
@@ -63,15 +72,11 @@ async def test_fetch_and_pull_bring_new_commits(
     client = await make_client(mirrors={"fetch_interval": "0s"})
     ours = scratch / "ours"
     await agit("clone", "-q", via(client, rich), str(ours))
-    work = scratch / "work"
-    await agit("clone", "-q", upstream.url(rich), str(work))
-    (work / "new.txt").write_text("new\n")
-    pushed = commit_all(work, "new commit")
-    git("push", "-q", str(upstream.root / f"{rich}.git"), "main", cwd=work)
+    pushed = await push_upstream(upstream, rich, scratch / "work", "new.txt", "main")
 
     await agit("pull", "-q", "--ff-only", cwd=ours)
     assert git("rev-parse", "HEAD", cwd=ours).strip() == pushed
-    assert (ours / "new.txt").read_text() == "new\n"
+    assert (ours / "new.txt").read_text() == "new.txt\n"
 
 
 async def test_a_fetch_of_a_just_pushed_commit_fetches_the_mirror_once(
@@ -80,11 +85,9 @@ async def test_a_fetch_of_a_just_pushed_commit_fetches_the_mirror_once(
     """The mirror is fresh by mirrors.fetch_interval, but a want it lacks is fetched."""
     ours = scratch / "ours"
     await agit("clone", "-q", via(client, rich), str(ours))
-    work = scratch / "work"
-    await agit("clone", "-q", upstream.url(rich), str(work))
-    (work / "later.txt").write_text("later\n")
-    pushed = commit_all(work, "pushed a second ago")
-    git("push", "-q", str(upstream.root / f"{rich}.git"), "HEAD:refs/heads/topic", cwd=work)
+    pushed = await push_upstream(
+        upstream, rich, scratch / "work", "later.txt", "HEAD:refs/heads/topic"
+    )
 
     await agit("fetch", "-q", "origin", pushed, cwd=ours)
     git("cat-file", "-e", f"{pushed}^{{commit}}", cwd=ours)
