@@ -111,6 +111,10 @@ async def test_shallow_and_partial_clones_and_their_later_fetches(
     assert git("rev-parse", "--is-shallow-repository", cwd=shallow).strip() == "false"
     git("fsck", cwd=shallow)
 
+    since = scratch / "since"
+    await agit("clone", "-q", "--shallow-since=2000-01-01", via(client, rich), str(since))
+    git("fsck", cwd=since)
+
     partial = scratch / "partial"
     await agit("clone", "-q", "--filter=blob:none", via(client, rich), str(partial))
     assert git("config", "remote.origin.promisor", cwd=partial).strip() == "true"
@@ -269,3 +273,21 @@ async def test_inbound_tokens_apply_to_git_as_to_snapshots(
     hidden = await asyncio.to_thread(git_run, "-c", bearer, "ls-remote", via(client, "other/repo"))
     assert hidden.returncode != 0
     assert "not found" in hidden.stderr.lower() or "404" in hidden.stderr
+
+
+async def test_a_pack_answer_cached_in_s3_serves_another_replica(
+    make_client: Any, rich: str, s3_endpoint: str, s3_bucket: str, tmp_path: Path, scratch: Path
+) -> None:
+    cache = {"backend": "s3", "s3": {"bucket": s3_bucket, "endpoint_url": s3_endpoint}}
+    first = await make_client(cache=cache)
+    await agit("clone", "-q", via(first, rich), str(scratch / "first"))
+    await settled(first)
+    assert any(e.ref == "upload-pack" for e in await cached(first, rich))
+
+    replica = await make_client(state=tmp_path / "replica", cache=cache)
+    await agit("clone", "-q", via(replica, rich), str(scratch / "second"))
+    page = await scrape(replica)
+    assert sample(page, "gitcache_git_responses_total", service="upload-pack", source="hit") == 1
+    assert sample(page, "gitcache_generations_started_total", kind="pack") == 0
+    assert refs(scratch / "second") == refs(scratch / "first")
+    git("fsck", cwd=scratch / "second")
