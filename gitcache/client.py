@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -188,11 +188,22 @@ class Download:
     def chunks(self) -> Iterator[bytes]:
         ranged = self.first.status == 206
         pieces = self._segments() if ranged else self._stream(self.first, 0)
-        for piece in pieces:
-            self._digest.update(piece)
-            self._received += len(piece)
-            self.progress.add(len(piece))
-            yield piece
+        # Hashed on a thread of its own, one piece behind: while zstd takes a piece, the
+        # pipe between us holds 64 KiB, so hashing it first would stall zstd meanwhile.
+        hashing = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            hashed: concurrent.futures.Future[None] | None = None
+            for piece in pieces:
+                if hashed is not None:
+                    hashed.result()
+                hashed = hashing.submit(self._digest.update, piece)
+                self._received += len(piece)
+                self.progress.add(len(piece))
+                yield piece
+            if hashed is not None:
+                hashed.result()
+        finally:
+            hashing.shutdown(wait=True)
         self._check()
 
     def _check(self) -> None:
@@ -324,19 +335,60 @@ class Writer:
             self._pool.shutdown(wait=True, cancel_futures=not ok)
 
 
-def write_file(path: str, data: Iterator[bytes] | list[bytes], mode: int, mtime: float) -> None:
+def write_file(
+    path: str,
+    data: Iterator[bytes] | list[bytes],
+    mode: int,
+    mtime: float,
+    fill: Callable[[int], None] | None = None,
+) -> None:
     """A new file (never through a link, never over another), its mode and mtime as the
-    snapshot says, as a checkout would have them."""
+    snapshot says, as a checkout would have them. ``fill``, if given, writes the rest
+    of its content into the descriptor by other means."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         for piece in data:
             view = memoryview(piece)
             while view:
                 view = view[os.write(fd, view) :]
+        if fill is not None:
+            fill(fd)
         os.fchmod(fd, 0o755 if mode & 0o100 else 0o644)
         os.utime(fd, (mtime, mtime))
     finally:
         os.close(fd)
+
+
+def splice_member(
+    tar: tarfile.TarFile, stream: IO[bytes], member: tarfile.TarInfo, path: str
+) -> bool:
+    """Write a large member (a pack) straight from the pipe to its file with splice(2):
+    no copy through Python, where most of a snapshot's bytes would otherwise go. False
+    where that cannot be done (no os.splice before Python 3.10, or not on Linux; a
+    tarfile without the stream it has always had), for the caller to copy instead.
+
+    tarfile's stream has read ahead at most its small buffer: those bytes are written
+    first, the rest spliced, and the stream's position moved past the member, so that
+    tarfile goes on with the next header as if it had read the data itself."""
+    splice = getattr(os, "splice", None)
+    tar_stream = tar.fileobj
+    if splice is None or not hasattr(tar_stream, "buf") or not hasattr(tar_stream, "pos"):
+        return False
+    head = tar_stream.buf[: member.size]
+    tar_stream.buf = tar_stream.buf[len(head) :]
+    source = stream.fileno()
+
+    def rest(fd: int) -> None:
+        left = member.size - len(head)
+        while left:
+            moved = splice(source, fd, left)
+            if not moved:
+                raise Failed(f"the snapshot ended inside {member.name!r}")
+            left -= moved
+
+    write_file(path, [head], member.mode, member.mtime, fill=rest)
+    tar_stream.pos += member.size
+    return True
 
 
 def extract(stream: IO[bytes], root: Path) -> None:
@@ -365,7 +417,8 @@ def extract(stream: IO[bytes], root: Path) -> None:
                     assert source is not None
                     if member.size <= WRITE_AHEAD // 4:
                         writer.write(target, source.read(), member.mode, member.mtime)
-                    else:  # a large file: streamed here rather than held
+                    elif not splice_member(tar, stream, member, target):
+                        # a large file: streamed here rather than held
                         pieces = iter(functools.partial(source.read, CHUNK), b"")
                         write_file(target, pieces, member.mode, member.mtime)
         ok = True
@@ -394,7 +447,11 @@ def _pipeline(
     """Feed ``zstd -d`` from a thread, extract its output here; zstd's exit status and
     what failed (the download, or the tar)."""
     zstd = subprocess.Popen(
-        ["zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=complaints
+        ["zstd", "-d", "-q", "-c"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=complaints,
+        bufsize=0,  # no read-ahead of our own: large files are spliced from the pipe
     )
     assert zstd.stdin is not None and zstd.stdout is not None
     failure: list[BaseException] = []

@@ -262,6 +262,10 @@ async def test_a_large_hit_comes_in_parallel_segments(
     assert code == 0, err
     assert tree(scratch / "a") == tree(big_work)
     assert status(scratch / "a") == ""
+    # The pack (over 16 MiB) was spliced from zstd's output, not copied: intact.
+    packs = list((scratch / "a" / ".git" / "objects" / "pack").glob("*.pack"))
+    assert packs and max(p.stat().st_size for p in packs) > 16 * 1024 * 1024
+    git("fsck", "--strict", "--no-progress", cwd=scratch / "a")
 
 
 async def test_the_index_has_the_stat_data_of_the_files(
