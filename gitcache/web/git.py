@@ -102,12 +102,12 @@ async def upload_pack(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=headers)
     response.content_type = "application/x-git-upload-pack-result"
     if answer.hit is not None:
-        return await _send_hit(request, response, answer)
+        return await _send_hit(request, response, repo, answer)
     return await _send_stream(request, response, answer)
 
 
 async def _send_hit(
-    request: web.Request, response: web.StreamResponse, answer: Answer
+    request: web.Request, response: web.StreamResponse, repo: RepoRef, answer: Answer
 ) -> web.StreamResponse:
     assert answer.hit is not None
     reader = answer.hit.reader
@@ -119,12 +119,16 @@ async def _send_hit(
             if reader.file is not None and request.transport is not None:
                 loop = asyncio.get_running_loop()
                 if await loop.sendfile(request.transport, reader.file, 0, size) != size:
+                    request.app[keys.SCRUBBER].recheck(repo, reader.entry)  # shorter file
                     return cut(request, response)
             else:
                 async with contextlib.aclosing(reader.chunks(0, size)) as chunks:
                     async for chunk in chunks:
                         await response.write(chunk)
-        except (OSError, GitcacheError):  # the client went away, or the tier failed
+        except GitcacheError:  # the tier failed mid-body: its entry is checked now
+            request.app[keys.SCRUBBER].recheck(repo, reader.entry)
+            return cut(request, response)
+        except OSError:  # the client went away
             return cut(request, response)
         _count(request, "upload-pack", answer.source, size)
         await response.write_eof()
