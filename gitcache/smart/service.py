@@ -126,18 +126,17 @@ class PackService:
             return Answer(Source.MIRROR, direct=self._direct_run(mirror, request, body, timeout))
         assert mirror.refs is not None
         key = request.key(mirror.refs.digest)
-        generation = self._producer.running.get((repo, key))
-        if generation is not None:
-            return Answer(Source.FOLLOWER, spool=generation.reader())
-        entry = await self._cache.get(repo, key)
-        if entry is not None and (reader := await self._cache.open(repo, entry)) is not None:
-            return Answer(Source.HIT, hit=Hit(reader))
-        generation = self._producer.running.get((repo, key))  # started while we looked
-        if generation is None:
-            job = PackJob(mirror, request, body, timeout, self._config.cache.keep_packs)
-            generation = self._producer.start(repo, key, job)
-            return Answer(Source.MISS, spool=generation.reader())
-        return Answer(Source.FOLLOWER, spool=generation.reader())
+        running = self._producer.running
+        if (generation := running.get((repo, key))) is None:
+            entry = await self._cache.get(repo, key)
+            if entry is not None and (reader := await self._cache.open(repo, entry)) is not None:
+                return Answer(Source.HIT, hit=Hit(reader))
+        # Looked up again: a generation may have started while the cache was read.
+        if (generation := running.get((repo, key))) is not None:
+            return Answer(Source.FOLLOWER, spool=self._producer.reader(generation))
+        job = PackJob(mirror, request, body, timeout, self._config.cache.keep_packs)
+        generation = self._producer.start(repo, key, job)
+        return Answer(Source.MISS, spool=self._producer.reader(generation))
 
     async def _lacks(self, mirror: Mirror, request: UploadRequest) -> bool:
         """Whether the mirror lacks an object ``request`` wants by id."""

@@ -21,7 +21,13 @@ from gitcache.metrics import Metrics
 from gitcache.mirror.mirror import Mirror
 from gitcache.repo import RepoRef
 from gitcache.snapshot.frames import Stored, Verbatim
-from gitcache.snapshot.generation import Generation, SpoolWriter, remove_spool, write_spool
+from gitcache.snapshot.generation import (
+    Generation,
+    SpoolReader,
+    SpoolWriter,
+    remove_spool,
+    write_spool,
+)
 from gitcache.tasks import TaskSet, run_blocking
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,14 @@ class Producer:
         metrics.generation_readers.set_function(
             lambda: sum(g.readers for g in self.running.values())
         )
+
+    def reader(self, generation: Generation) -> SpoolReader:
+        """A client's reader of ``generation``; 503 past
+        ``server.max_clients_per_generation``, whatever the job."""
+        if generation.readers >= self.config.server.max_clients_per_generation:
+            self.metrics.overloaded.labels("max_clients_per_generation").inc()
+            raise Overloaded("too many clients are reading this generation already")
+        return generation.reader()
 
     def clean_leftovers(self) -> None:
         """At start-up, before anything runs: spools and temporary directories of a

@@ -15,7 +15,6 @@ from gitcache.errors import (
     GitcacheError,
     GitError,
     NotFound,
-    Overloaded,
     UpstreamError,
 )
 from gitcache.mirror.mirror import Mirror
@@ -205,7 +204,7 @@ class SnapshotService:
             return Stream(checkout.commit, Source.MISS, None, mirror.fetched_at)
         job = SnapshotJob(mirror, spec, checkout, self._config)
         generation = self.producer.start(repo, key, job)
-        body = generation.reader() if want is Want.BODY else None
+        body = self.producer.reader(generation) if want is Want.BODY else None
         return Stream(checkout.commit, Source.MISS, body, mirror.fetched_at)
 
     async def _stale(self, repo: RepoRef, entry: Entry | None) -> Hit | None:
@@ -243,10 +242,8 @@ class SnapshotService:
             return None
         if want is not Want.BODY:
             return Stream(generation.commit, Source.FOLLOWER, None, fetched_at)
-        if generation.readers >= self._config.server.max_clients_per_generation:
-            self._metrics.overloaded.labels("max_clients_per_generation").inc()
-            raise Overloaded("too many clients are reading this snapshot already")
-        return Stream(generation.commit, Source.FOLLOWER, generation.reader(), fetched_at)
+        reader = self.producer.reader(generation)
+        return Stream(generation.commit, Source.FOLLOWER, reader, fetched_at)
 
     async def _has_commit(self, mirror: Mirror, sha: str) -> bool:
         try:

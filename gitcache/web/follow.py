@@ -1,14 +1,16 @@
-"""Sending a body that may fail after its headers went out: a generation's spool, as it
-is written, and the one way to end such a response abnormally."""
+"""Sending a body that may fail after its headers went out: a cached entry, a
+generation's spool as it is written, and the one way to end such a response abnormally."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
 from gitcache import keys
+from gitcache.cache.base import Reader
 from gitcache.snapshot.generation import READ_CHUNK, SLOW_READ_CHUNK, SpoolReader
 from gitcache.tasks import run_blocking
 
@@ -70,3 +72,44 @@ async def _with_sendfile(
             return False
         transport.write(b"\r\n")
         info["bytes"] += length
+
+
+class SourceFailed(Exception):
+    """A hit's bytes could not be read to the end (the cause says why)."""
+
+
+async def copy(body: AsyncGenerator[bytes, None], response: web.StreamResponse) -> None:
+    """Every chunk of ``body`` to the client; a failure to read raises SourceFailed, a
+    failure to write (the client is gone) raises what the write raised."""
+    while True:
+        try:
+            chunk = await anext(body)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            raise SourceFailed(str(exc)) from exc
+        await response.write(chunk)
+
+
+async def send_file(
+    request: web.Request, response: web.StreamResponse, reader: Reader, start: int, length: int
+) -> None:
+    """``length`` bytes of a cached entry from ``start``: with sendfile from its file, or
+    copied from its tier; SourceFailed if they cannot all be read."""
+    transport = request.transport
+    if reader.file is not None and transport is not None:
+        try:
+            sent = await asyncio.get_running_loop().sendfile(transport, reader.file, start, length)
+        except NotImplementedError:
+            pass  # TLS or another transport without sendfile: copy instead
+        else:
+            if sent != length:  # the file is shorter than its entry says
+                raise SourceFailed(f"sent {sent} of {length} bytes") from OSError(
+                    "the cached file ended early"
+                )
+            return
+    chunks = reader.chunks(start, length)
+    try:
+        await copy(chunks, response)
+    finally:
+        await chunks.aclose()

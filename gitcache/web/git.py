@@ -4,9 +4,6 @@ Pushes are refused with a message git shows, naming where to push instead."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from aiohttp import web
 from dulwich.protocol import pkt_line
 
@@ -18,7 +15,7 @@ from gitcache.smart.service import Answer
 from gitcache.snapshot.generation import SLOW_READ_CHUNK
 from gitcache.snapshot.gitdir import public_url
 from gitcache.web.access import authorize_read
-from gitcache.web.follow import cut, follow
+from gitcache.web.follow import SourceFailed, cut, follow, send_file
 
 GIT_ROUTE = r"/git/{host}/{repo:[\s\S]+}/"
 MAX_REQUEST = 64 * 1024 * 1024  # an upload-pack request: wants and haves, not data
@@ -116,16 +113,8 @@ async def _send_hit(
         response.content_length = size
         await response.prepare(request)
         try:
-            if reader.file is not None and request.transport is not None:
-                loop = asyncio.get_running_loop()
-                if await loop.sendfile(request.transport, reader.file, 0, size) != size:
-                    request.app[keys.SCRUBBER].recheck(repo, reader.entry)  # shorter file
-                    return cut(request, response)
-            else:
-                async with contextlib.aclosing(reader.chunks(0, size)) as chunks:
-                    async for chunk in chunks:
-                        await response.write(chunk)
-        except GitcacheError:  # the tier failed mid-body: its entry is checked now
+            await send_file(request, response, reader, 0, size)
+        except SourceFailed:  # the file or tier failed mid-body: its entry is checked now
             request.app[keys.SCRUBBER].recheck(repo, reader.entry)
             return cut(request, response)
         except OSError:  # the client went away

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -22,7 +21,7 @@ from gitcache.snapshot.source import Source
 from gitcache.variant import Kind, parse_variant
 from gitcache.web import conditional
 from gitcache.web.access import authorize_read
-from gitcache.web.follow import cut, follow
+from gitcache.web.follow import SourceFailed, copy, cut, follow, send_file
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +210,10 @@ async def _send_hit_body(
     _first_byte(request, hit.source)
     try:
         if body is None:
-            await _send_file(request, response, hit, plan.start, plan.length)
+            await send_file(request, response, hit.reader, plan.start, plan.length)
         else:
             await response.write(first)
-            await _copy(body, response)
+            await copy(body, response)
     except SourceFailed as exc:
         # Cut at once: the client must not wait for bytes that will not come. The entry
         # is checked now; if its bytes are bad, it is evicted.
@@ -232,47 +231,6 @@ async def _send_hit_body(
 def _first_byte(request: web.Request, source: str) -> None:
     elapsed = time.monotonic() - request[keys.REQUEST_STARTED]
     request.app[keys.METRICS].ttfb.labels(source).observe(elapsed)
-
-
-class SourceFailed(Exception):
-    """A hit's bytes could not be read to the end (the cause says why)."""
-
-
-async def _copy(body: AsyncGenerator[bytes, None], response: web.StreamResponse) -> None:
-    """Every chunk of ``body`` to the client; a failure to read raises SourceFailed, a
-    failure to write (the client is gone) raises what the write raised."""
-    while True:
-        try:
-            chunk = await anext(body)
-        except StopAsyncIteration:
-            return
-        except Exception as exc:
-            raise SourceFailed(str(exc)) from exc
-        await response.write(chunk)
-
-
-async def _send_file(
-    request: web.Request, response: web.StreamResponse, hit: Hit, start: int, length: int
-) -> None:
-    transport = request.transport
-    if hit.reader.file is not None and transport is not None:
-        try:
-            sent = await asyncio.get_running_loop().sendfile(
-                transport, hit.reader.file, start, length
-            )
-        except NotImplementedError:
-            pass  # TLS or another transport without sendfile: copy instead
-        else:
-            if sent != length:  # the file is shorter than its entry says
-                raise SourceFailed(f"sent {sent} of {length} bytes") from OSError(
-                    "the cached file ended early"
-                )
-            return
-    chunks = hit.reader.chunks(start, length)
-    try:
-        await _copy(chunks, response)
-    finally:
-        await chunks.aclose()
 
 
 async def _send_stream(
