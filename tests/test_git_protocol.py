@@ -220,6 +220,48 @@ async def test_a_passthrough_upstream_needs_the_clients_credentials(
     assert refused.returncode != 0
 
 
+V2 = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
+
+
+def clone_request(upstream: Upstream, repo: str) -> bytes:
+    """A protocol v2 fetch of the default branch, as a fresh clone sends it."""
+    head = git("rev-parse", "HEAD", cwd=upstream.root / f"{repo}.git").strip()
+    return (
+        pkt_line(b"command=fetch")
+        + pkt_line(b"object-format=sha1")
+        + b"0001"
+        + pkt_line(b"ofs-delta")
+        + pkt_line(f"want {head}\n".encode())
+        + pkt_line(b"done\n")
+        + b"0000"
+    )
+
+
+async def test_pack_followers_are_limited_like_snapshot_ones(
+    make_client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.create("big", big_work)
+    real = smart_service.upload_pack
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        async for chunk in real(*args, **kwargs):
+            await asyncio.sleep(0.005)
+            yield chunk
+
+    monkeypatch.setattr(smart_service, "upload_pack", slow)
+    client = await make_client(server={"max_clients_per_generation": 1})
+    await agit("ls-remote", via(client, "big"))
+    url = client.make_url(f"/git/{HOST}/big/git-upload-pack")
+    body = clone_request(upstream, "big")
+    async with aiohttp.ClientSession() as session:
+        first = await session.post(url, data=body, headers=V2)
+        second = await session.post(url, data=body, headers=V2)
+        assert second.status == 503
+        assert (await second.json())["code"] == "overloaded"
+        assert first.status == 200
+        assert (await first.read()).endswith(b"0000")
+
+
 async def test_a_client_that_leaves_mid_pack_does_not_stop_the_others(
     client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,21 +275,11 @@ async def test_a_client_that_leaves_mid_pack_does_not_stop_the_others(
 
     monkeypatch.setattr(smart_service, "upload_pack", slow)
     await agit("ls-remote", via(client, "big"))
-    head = git("rev-parse", "HEAD", cwd=upstream.root / "big.git").strip()
-    body = (
-        pkt_line(b"command=fetch")
-        + pkt_line(b"object-format=sha1")
-        + b"0001"
-        + pkt_line(b"ofs-delta")
-        + pkt_line(f"want {head}\n".encode())
-        + pkt_line(b"done\n")
-        + b"0000"
-    )
+    body = clone_request(upstream, "big")
     url = client.make_url(f"/git/{HOST}/big/git-upload-pack")
-    headers = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
     async with aiohttp.ClientSession() as session:
-        leaving = await session.post(url, data=body, headers=headers)
-        staying = await session.post(url, data=body, headers=headers)
+        leaving = await session.post(url, data=body, headers=V2)
+        staying = await session.post(url, data=body, headers=V2)
         await leaving.content.read(1024)
         leaving.close()  # gone mid-pack
         whole = await staying.read()
