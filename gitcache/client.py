@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import itertools
 import os
+import queue
 import re
 import shutil
 import signal
@@ -36,9 +37,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, Any, Union
 
 CHUNK = 1024 * 1024
 SEGMENT = 8 * 1024 * 1024  # what one ranged request fetches of a hit
@@ -47,6 +48,7 @@ RETRIES = 3  # times a dropped connection is resumed
 WRITERS = 1  # threads creating files (more did not help on a file system that serialises creation)
 WRITE_AHEAD = 64 * 1024 * 1024  # bytes read from the tar and not yet written, at most
 Buffer = Union[bytes, bytearray]  # noqa: UP007 (a runtime alias: Python 3.9 has no X | Y)
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # an ETag that is the snapshot's sha256
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -186,6 +188,11 @@ class Download:
         self._digest = hashlib.sha256()
         self._received = 0
 
+    @property
+    def checked_whole(self) -> bool:
+        """Whether the end of :meth:`chunks` checks every byte against a sha256."""
+        return self.size is not None and _SHA256.fullmatch(self.etag.strip('"')) is not None
+
     def chunks(self) -> Iterator[Buffer]:
         ranged = self.first.status == 206
         pieces = self._segments() if ranged else self._stream(self.first, 0)
@@ -211,7 +218,7 @@ class Download:
         if self.size is not None and self._received != self.size:
             raise Failed(f"the download was cut: {self._received} of {self.size} bytes")
         etag = self.etag.strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", etag) and self._digest.hexdigest() != etag:
+        if _SHA256.fullmatch(etag) and self._digest.hexdigest() != etag:
             raise Failed("the download does not match its checksum (ETag)")
 
     def _stream(self, response: http.client.HTTPResponse, start: int) -> Iterator[bytes]:
@@ -363,46 +370,35 @@ def write_file(
         os.close(fd)
 
 
-def splice_member(
-    tar: tarfile.TarFile, stream: IO[bytes], member: tarfile.TarInfo, path: str
-) -> bool:
-    """Write a large member (a pack) straight from the pipe to its file with splice(2):
-    no copy through Python, where most of a snapshot's bytes would otherwise go. False
-    where that cannot be done (no os.splice before Python 3.10, or not on Linux; a
-    tarfile without the stream it has always had), for the caller to copy instead.
+def copy_member(tar: tarfile.TarFile, stream: Joined, member: tarfile.TarInfo, path: str) -> None:
+    """Write a large member (a pack) straight from the stream to its file: spliced from
+    ``zstd -d``'s output, or written from the downloaded buffers themselves, never copied
+    through Python objects, where most of a snapshot's bytes would otherwise go.
 
     tarfile's stream has read ahead at most its small buffer: those bytes are written
-    first, the rest spliced, and the stream's position moved past the member, so that
+    first, the rest copied, and the stream's position moved past the member, so that
     tarfile goes on with the next header as if it had read the data itself."""
-    splice = getattr(os, "splice", None)
-    tar_stream = tar.fileobj
-    if splice is None or not hasattr(tar_stream, "buf") or not hasattr(tar_stream, "pos"):
-        return False
+    tar_stream: Any = tar.fileobj  # tarfile's _Stream
     head = tar_stream.buf[: member.size]
     tar_stream.buf = tar_stream.buf[len(head) :]
-    source = stream.fileno()
 
     def rest(fd: int) -> None:
-        left = member.size - len(head)
-        while left:
-            moved = splice(source, fd, left)
-            if not moved:
-                raise Failed(f"the snapshot ended inside {member.name!r}")
-            left -= moved
+        stream.copy_to(fd, member.size - len(head), member.name)
 
     write_file(path, [head], member.mode, member.mtime, fill=rest)
     tar_stream.pos += member.size
-    return True
 
 
-def extract(stream: IO[bytes], root: Path) -> None:
+def extract(stream: Joined, root: Path) -> None:
     """Extract the tar read from ``stream`` into the new directory ``root``."""
     symlinks: set[str] = set()
     made: set[str] = {""}
     writer = Writer()
     ok = False
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+            # tarfile's own stream, whose read-ahead copy_member() takes over
+            large = hasattr(tar.fileobj, "buf") and hasattr(tar.fileobj, "pos")
             for member in tar:
                 name = _checked(member, symlinks)
                 target = os.path.join(root, name)
@@ -416,13 +412,14 @@ def extract(stream: IO[bytes], root: Path) -> None:
                 elif member.issym():  # kept as git would check it out, wherever it points
                     os.symlink(member.linkname, target)
                     symlinks.add(name)
+                elif large and member.size > WRITE_AHEAD // 4:
+                    copy_member(tar, stream, member, target)
                 else:
                     source = tar.extractfile(member)
                     assert source is not None
                     if member.size <= WRITE_AHEAD // 4:
                         writer.write(target, source.read(), member.mode, member.mtime)
-                    elif not splice_member(tar, stream, member, target):
-                        # a large file: streamed here rather than held
+                    else:  # streamed here rather than held
                         pieces = iter(functools.partial(source.read, CHUNK), b"")
                         write_file(target, pieces, member.mode, member.mtime)
         ok = True
@@ -432,63 +429,368 @@ def extract(stream: IO[bytes], root: Path) -> None:
         writer.close(ok)
 
 
-def restore(chunks: Iterator[Buffer], root: Path) -> None:
-    """``zstd -d`` the chunks and extract the tar into ``root``, as one pipeline."""
+# --- decompress ---------------------------------------------------------------------------
+
+# The skippable frame gitcache writes before each stored frame, and that frame's header
+# (frames of raw blocks, see the server's snapshot/frames.py: a test holds them equal).
+STORED_MARK = b"\x5e\x2a\x4d\x18" + (15).to_bytes(4, "little") + b"gitcache:stored"
+STORED_HEADER = b"\x28\xb5\x2f\xfd\x04\x38"
+_ZSTD_MAGIC = 0xFD2FB528
+_RAW_BLOCK, _RLE_BLOCK, _COMPRESSED_BLOCK = 0, 1, 2
+RAW_AHEAD = 4  # stored pieces (up to a segment each) decoded and not yet written, at most
+
+
+class _Cursor:
+    """The download as one sequence of bytes, taken in views of its buffers (no copy)."""
+
+    def __init__(self, chunks: Iterator[Buffer]) -> None:
+        self._chunks = chunks
+        self._view = memoryview(b"")
+
+    def at_end(self) -> bool:
+        while not self._view:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return True
+            self._view = memoryview(chunk)
+        return False
+
+    def take(self, n: int) -> Iterator[memoryview]:
+        while n:
+            if self.at_end():
+                raise Failed("the snapshot ends inside a zstd frame")
+            piece, self._view = self._view[:n], self._view[n:]
+            n -= len(piece)
+            yield piece
+
+    def read(self, n: int) -> bytes:
+        return b"".join(self.take(n))
+
+    def rest(self) -> Iterator[memoryview]:
+        while not self.at_end():
+            view, self._view = self._view, memoryview(b"")
+            yield view
+
+
+class _Run:
+    """A stretch of the tar: the output of one ``zstd -d``, or the content of stored
+    frames as the download hands it over."""
+
+    def read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def copy_to(self, fd: int, n: int) -> int:
+        """Write up to ``n`` bytes into ``fd``; how many (0 at the run's end)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Wait for the run's end, after the extraction read it all."""
+
+    def close(self) -> None:
+        """Stop early: something failed."""
+
+
+class _ZstdFailed(Failed):
+    """``zstd -d`` rejected the stream (its own words are added to the message)."""
+
+
+class _ZstdRun(_Run):
+    def __init__(self, complaints: IO[bytes]) -> None:
+        self.process = subprocess.Popen(
+            ["zstd", "-d", "-q", "-c"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=complaints,
+            bufsize=0,  # no read-ahead of our own: large files are spliced from the pipe
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout
+
+    def write(self, pieces: list[memoryview]) -> None:
+        for piece in pieces:
+            _write_all(self.stdin.fileno(), piece)
+
+    def read(self, n: int) -> bytes:
+        return self.stdout.read(n) or self._end()
+
+    def copy_to(self, fd: int, n: int) -> int:
+        splice = getattr(os, "splice", None)  # Python 3.10+, Linux
+        if splice is not None:
+            return splice(self.stdout.fileno(), fd, n) or len(self._end())
+        data = self.read(min(n, CHUNK))
+        _write_all(fd, data)
+        return len(data)
+
+    def _end(self) -> bytes:
+        code = self.process.wait()
+        if code != 0:
+            raise _ZstdFailed("zstd -d failed, the snapshot is damaged")
+        return b""
+
+    def finish(self) -> None:
+        self.process.wait()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+class _Stopped(Exception):
+    """The extraction failed: the decoding stops."""
+
+
+class _RawRun(_Run):
+    """Stored frames' content, handed over by the decoding thread as views of the
+    download's buffers (at most ``RAW_AHEAD`` of them waiting); ``None`` ends it."""
+
+    def __init__(self) -> None:
+        self._pieces: queue.Queue[memoryview | None] = queue.Queue(RAW_AHEAD)
+        self._view: memoryview | None = memoryview(b"")
+        self._closed = False
+
+    def put(self, piece: memoryview | None) -> None:
+        while not self._closed:
+            with contextlib.suppress(queue.Full):
+                self._pieces.put(piece, timeout=0.1)
+                return
+        raise _Stopped
+
+    def _next(self) -> memoryview | None:
+        while self._view is not None and not self._view:
+            self._view = self._pieces.get()
+        return self._view
+
+    def read(self, n: int) -> bytes:
+        view = self._next()
+        if view is None:
+            return b""
+        piece, self._view = view[:n], view[n:]
+        return bytes(piece)
+
+    def copy_to(self, fd: int, n: int) -> int:
+        view = self._next()
+        if view is None:
+            return 0
+        piece, self._view = view[:n], view[n:]
+        _write_all(fd, piece)
+        return len(piece)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class Joined:
+    """The snapshot's tar as one stream, read by the extraction: the runs in the order
+    the decoding thread starts them, ``None`` after the last."""
+
+    def __init__(self) -> None:
+        self._runs: queue.Queue[_Run | None] = queue.Queue()
+        self._started: list[_Run] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._run: _Run | None = None
+        self._done = False
+
+    def start(self, run: _Run) -> None:
+        """(decoding thread) Append a run; :class:`_Stopped` if the extraction failed."""
+        with self._lock:
+            self._started.append(run)
+            if self._stopped:
+                run.close()
+                raise _Stopped
+        self._runs.put(run)
+
+    def end(self) -> None:
+        """(decoding thread) No more runs."""
+        self._runs.put(None)
+
+    def stop(self) -> None:
+        """(extraction) Something failed: end every run, to unblock the decoding."""
+        with self._lock:
+            self._stopped = True
+            for run in self._started:
+                run.close()
+
+    def finish(self) -> None:
+        for run in self._started:
+            run.finish()
+
+    def _current(self) -> _Run | None:
+        if self._run is None and not self._done:
+            self._run = self._runs.get()
+            self._done = self._run is None
+        return self._run
+
+    def read(self, n: int = CHUNK) -> bytes:
+        while (run := self._current()) is not None:
+            data = run.read(n)
+            if data:
+                return data
+            self._run = None
+        return b""
+
+    def copy_to(self, fd: int, n: int, name: str) -> None:
+        while n:
+            run = self._current()
+            if run is None:
+                raise Failed(f"the snapshot ended inside {name!r}")
+            moved = run.copy_to(fd, n)
+            if not moved:
+                self._run = None
+            n -= moved
+
+
+class _Decoder:
+    """Splits the download into runs for the extraction (on a thread of its own): all of
+    it through ``zstd -d``; or, if ``stored``, stored frames taken as they are and each
+    stretch between them through a ``zstd -d`` of its own."""
+
+    def __init__(self, joined: Joined, complaints: IO[bytes], stored: bool) -> None:
+        self._joined, self._complaints, self._stored = joined, complaints, stored
+        self._zstd: _ZstdRun | None = None
+
+    def run(self, chunks: Iterator[Buffer], failure: list[BaseException]) -> None:
+        cursor = _Cursor(chunks)
+        try:
+            if not self._stored:
+                for piece in cursor.rest():
+                    self._to_zstd([piece])
+            while not cursor.at_end():
+                magic = cursor.read(4)
+                if magic == STORED_MARK[:4]:
+                    size = cursor.read(4)
+                    payload = cursor.read(int.from_bytes(size, "little"))
+                    if magic + size + payload == STORED_MARK:
+                        self._end_zstd()
+                        self._stored_frame(cursor)
+                    # any other skippable frame: nothing to decode
+                else:
+                    self._to_zstd([memoryview(magic), *_frame(cursor, magic)])
+        except _Stopped:
+            pass
+        except BaseException as exc:  # reported by the extraction's thread, before the end
+            failure.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                self._end_zstd()
+            self._joined.end()
+
+    def _to_zstd(self, pieces: Iterable[memoryview]) -> None:
+        if self._zstd is None:
+            self._zstd = _ZstdRun(self._complaints)
+            self._joined.start(self._zstd)
+        try:
+            self._zstd.write(list(pieces))
+        except BrokenPipeError:
+            raise _Stopped from None  # zstd is gone: failed, or killed by stop()
+
+    def _end_zstd(self) -> None:
+        if self._zstd is not None:
+            zstd, self._zstd = self._zstd, None
+            zstd.stdin.close()
+
+    def _stored_frame(self, cursor: _Cursor) -> None:
+        """A stored frame's content as a run of its own. Its xxh64 is not checked: the
+        whole download's sha256 is (``stored`` is only set when it will be)."""
+        if cursor.read(len(STORED_HEADER)) != STORED_HEADER:
+            raise Failed("the snapshot has a damaged stored frame")
+        run = _RawRun()
+        self._joined.start(run)
+        try:
+            last = False
+            while not last:
+                value = int.from_bytes(cursor.read(3), "little")
+                last, kind, size = bool(value & 1), (value >> 1) & 3, value >> 3
+                if kind != _RAW_BLOCK:
+                    raise Failed("the snapshot has a damaged stored frame")
+                for piece in cursor.take(size):
+                    run.put(piece)
+            cursor.read(4)  # the checksum
+        finally:
+            with contextlib.suppress(_Stopped):
+                run.put(None)
+
+
+def _frame(cursor: _Cursor, magic: bytes) -> Iterator[memoryview]:
+    """The rest of a frame (RFC 8878) that begins with ``magic``, walked block by block
+    to find where it ends."""
+    if int.from_bytes(magic, "little") & 0xFFFFFFF0 == 0x184D2A50:  # skippable
+        length = cursor.read(4)
+        yield memoryview(length)
+        yield from cursor.take(int.from_bytes(length, "little"))
+        return
+    if int.from_bytes(magic, "little") != _ZSTD_MAGIC:
+        raise Failed("the snapshot is not zstd: it is damaged")
+    descriptor = cursor.read(1)
+    yield memoryview(descriptor)
+    single, checksum = descriptor[0] & 0x20, descriptor[0] & 0x04
+    rest = (0 if single else 1) + (0, 1, 2, 4)[descriptor[0] & 0x03]  # window, dictionary
+    rest += (1 if single else 0, 2, 4, 8)[descriptor[0] >> 6]  # content size
+    yield from cursor.take(rest)
+    last = False
+    while not last:
+        block = cursor.read(3)
+        yield memoryview(block)
+        value = int.from_bytes(block, "little")
+        last, kind, size = bool(value & 1), (value >> 1) & 3, value >> 3
+        if kind > _COMPRESSED_BLOCK:
+            raise Failed("the snapshot has a damaged zstd block")
+        yield from cursor.take(1 if kind == _RLE_BLOCK else size)
+    if checksum:
+        yield from cursor.take(4)
+
+
+def restore(chunks: Iterator[Buffer], root: Path, *, stored: bool = False) -> None:
+    """Decompress the chunks and extract the tar into ``root``, as one pipeline.
+    ``stored``: the whole download will be checked (its sha256), so stored frames may be
+    taken as they are rather than through ``zstd -d``."""
     with tempfile.TemporaryFile() as complaints:  # zstd's own words, for the reason
-        code, failure = _pipeline(chunks, root, complaints)
+        failure = _pipeline(chunks, root, complaints, stored)
         complaints.seek(0)
         said = complaints.read().decode("utf-8", "replace").strip().splitlines()
     if failure:
         first = failure[0]
+        if isinstance(first, _ZstdFailed) and said:
+            raise Failed(f"{first}: {said[-1]}")
         raise first if isinstance(first, Failed) else Failed(str(first))
-    if code != 0:
-        raise Failed(f"zstd -d failed, the snapshot is damaged: {said[-1] if said else code}")
 
 
 def _pipeline(
-    chunks: Iterator[Buffer], root: Path, complaints: IO[bytes]
-) -> tuple[int, list[BaseException]]:
-    """Feed ``zstd -d`` from a thread, extract its output here; zstd's exit status and
-    what failed (the download, or the tar)."""
-    zstd = subprocess.Popen(
-        ["zstd", "-d", "-q", "-c"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=complaints,
-        bufsize=0,  # no read-ahead of our own: large files are spliced from the pipe
-    )
-    assert zstd.stdin is not None and zstd.stdout is not None
+    chunks: Iterator[Buffer], root: Path, complaints: IO[bytes], stored: bool
+) -> list[BaseException]:
+    """Decode the download on a thread, extract its tar here; what failed, first
+    first (the download, the decoding, or the tar)."""
+    joined = Joined()
     failure: list[BaseException] = []
-
-    def feed() -> None:
-        try:
-            for chunk in chunks:
-                zstd.stdin.write(chunk)  # type: ignore[union-attr]
-        except BaseException as exc:  # reported by the main thread
-            failure.append(exc)
-        finally:
-            with contextlib.suppress(OSError):
-                zstd.stdin.close()  # type: ignore[union-attr]
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
+    decoder = threading.Thread(
+        target=_Decoder(joined, complaints, stored).run, args=(chunks, failure), daemon=True
+    )
+    decoder.start()
     try:
-        extract(zstd.stdout, root)
+        extract(joined, root)
         # The tar ends before the stream does (padding): read it all, so zstd checks the
-        # last frame's checksum too and exits by itself, not on a broken pipe.
-        while zstd.stdout.read(CHUNK):
+        # last frame's checksum too and exits by itself, and the download is all hashed.
+        while joined.read(CHUNK):
             pass
     except tarfile.TarError as exc:
         failure.append(Failed(f"the snapshot is not a complete tar: {exc}"))
-    except Failed as exc:
-        failure.insert(0, exc)
+    except (Failed, OSError) as exc:
+        failure.append(exc)
     finally:
-        zstd.stdout.close()
         if failure:
-            zstd.kill()
-        feeder.join()
-        code = zstd.wait()
-    return code, failure
+            joined.stop()
+        decoder.join()
+        joined.finish()
+    return failure
 
 
 # --- the index's stat data ---------------------------------------------------------------
@@ -589,7 +891,7 @@ def from_gitcache(
     temporary = target.parent / f".{target.name}.gitcache-{os.getpid()}"
     try:
         temporary.mkdir(parents=True)
-        restore(download.chunks(), temporary)
+        restore(download.chunks(), temporary, stored=download.checked_whole)
         download.progress.finish()
         stamp_index(temporary)
         if args.via_proxy:

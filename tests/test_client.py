@@ -18,6 +18,7 @@ import zstandard
 from aiohttp import web
 
 from gitcache import client as client_module
+from gitcache.snapshot import frames
 from tests.helpers import HOST, sample, snapshot_url, status, tree
 from tests.upstream import Upstream, agit, git
 
@@ -151,6 +152,38 @@ async def test_a_cut_or_damaged_download_leaves_nothing(
         assert leftovers(tmp_path) == [], name
 
 
+async def test_a_damaged_stored_frame_is_caught_with_or_without_zstd(
+    client: Any, rich: str, scratch: Path, aiohttp_server: Any
+) -> None:
+    """A flipped byte inside a pack's stored frame: a download checked by its ETag takes
+    the frame's bytes without zstd and must still fail on the sha256; a streamed one goes
+    through zstd -d, whose frame checksum must catch it."""
+    good = await (await client.get(snapshot_url(rich))).read()
+    at = good.index(frames.MARK) + len(frames.MARK) + len(frames.HEADER) + 3 + 100
+    flipped = good[:at] + bytes([good[at] ^ 0x40]) + good[at + 1 :]
+    sha = '"' + hashlib.sha256(good).hexdigest() + '"'
+    for headers in ({"Content-Length": str(len(good)), "ETag": sha}, {}):
+        server = await serve_bytes(aiohttp_server, flipped, **headers)
+        code, err = await run_client("--server", server, f"{HOST}/{rich}", str(scratch / "a"))
+        assert code == 1, err
+        assert "checksum" in err if headers else "zstd" in err, err
+        assert leftovers(scratch) == []
+    # and the intact bytes, taken the same two ways, give the same clone
+    for headers in ({"Content-Length": str(len(good)), "ETag": sha}, {}):
+        server = await serve_bytes(aiohttp_server, good, **headers)
+        target = scratch / ("checked" if headers else "streamed")
+        code, err = await run_client("--server", server, f"{HOST}/{rich}", str(target))
+        assert code == 0, err
+        git("fsck", "--strict", "--no-progress", cwd=target)
+    assert tree(scratch / "checked") == tree(scratch / "streamed")
+
+
+def test_the_client_knows_the_servers_stored_frames() -> None:
+    """The client keeps its own copy of the frame markers (it imports nothing)."""
+    assert client_module.STORED_MARK == frames.MARK
+    assert client_module.STORED_HEADER == frames.HEADER
+
+
 def malicious(member: str, *, link: str | None = None, then: str | None = None) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
@@ -262,7 +295,7 @@ async def test_a_large_hit_comes_in_parallel_segments(
     assert code == 0, err
     assert tree(scratch / "a") == tree(big_work)
     assert status(scratch / "a") == ""
-    # The pack (over 16 MiB) was spliced from zstd's output, not copied: intact.
+    # The pack (over 16 MiB) was written from the download's buffers: intact.
     packs = list((scratch / "a" / ".git" / "objects" / "pack").glob("*.pack"))
     assert packs and max(p.stat().st_size for p in packs) > 16 * 1024 * 1024
     git("fsck", "--strict", "--no-progress", cwd=scratch / "a")

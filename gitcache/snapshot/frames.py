@@ -16,6 +16,11 @@ from typing import NamedTuple
 import xxhash
 
 MAGIC = b"\x28\xb5\x2f\xfd"
+# A skippable frame (section 3.1.2: every decoder passes over it) before each stored frame,
+# so that a client that has verified the whole download some other way (its sha256) can
+# take the stored bytes straight from it instead of through ``zstd -d``; the client keeps
+# its own copy of these bytes (it imports nothing from the server).
+MARK = b"\x5e\x2a\x4d\x18" + (15).to_bytes(4, "little") + b"gitcache:stored"
 BLOCK_MAX = 128 * 1024  # the largest block a frame may hold
 # Frame header descriptor 0x04: no content size (frames are written as data arrives), not
 # single-segment, a content checksum, no dictionary. Window descriptor 0x38: 2^17 bytes,
@@ -71,7 +76,7 @@ class StoredFrame:
         """The pieces to write for ``data`` (views of it: no copy)."""
         pieces: list[bytes | memoryview] = []
         if not self._started:
-            pieces.append(HEADER)
+            pieces += [MARK, HEADER]
             self._started = True
         if not data:
             return pieces
