@@ -30,7 +30,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -39,14 +38,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, NamedTuple, Union
 
 CHUNK = 1024 * 1024
 SEGMENT = 8 * 1024 * 1024  # what one ranged request fetches of a hit
 PARALLEL = 4  # ranged requests at once (and segments held in memory at most)
 RETRIES = 3  # times a dropped connection is resumed
-WRITERS = 1  # threads creating files (more did not help on a file system that serialises creation)
-WRITE_AHEAD = 64 * 1024 * 1024  # bytes read from the tar and not yet written, at most
+LARGE = 16 * 1024 * 1024  # a member larger is written as it streams, never held whole
 Buffer = Union[bytes, bytearray]  # noqa: UP007 (a runtime alias: Python 3.9 has no X | Y)
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # an ETag that is the snapshot's sha256
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
@@ -291,7 +289,18 @@ class Download:
 # --- extract ------------------------------------------------------------------------------
 
 
-def _checked(member: tarfile.TarInfo, symlinks: set[str]) -> str:
+class Member(NamedTuple):
+    """A tar member as the extraction needs it."""
+
+    name: str
+    kind: bytes  # the tar type flag, as ``_TYPES`` names it
+    size: int
+    mode: int
+    mtime: float
+    linkname: str
+
+
+def _checked(member: Member, symlinks: set[str]) -> str:
     """The member's relative path, or :class:`Failed` for what could write outside the
     target: an absolute name, ``..``, a hard link, a device, a path through a symlink of
     the snapshot's own (the target is new: no other symlink can be in it)."""
@@ -299,51 +308,12 @@ def _checked(member: tarfile.TarInfo, symlinks: set[str]) -> str:
     parts = name.split("/")
     if not name or name.startswith("/") or ".." in parts or "\\" in name:
         raise Failed(f"refused an unsafe path in the snapshot: {member.name!r}")
-    if member.islnk() or not (member.isfile() or member.isdir() or member.issym()):
+    if member.kind not in (_FILE, _DIRECTORY, _SYMLINK):
         raise Failed(f"refused a link or device in the snapshot: {member.name!r}")
     for end in range(1, len(parts) + 1):
         if "/".join(parts[:end]) in symlinks:
             raise Failed(f"refused a path through a symlink in the snapshot: {member.name!r}")
     return name
-
-
-class Writer:
-    """Writes files on a few threads: creating thousands of small files is bound by the
-    file system's latency, not by the tar stream, which is read in order meanwhile. At
-    most ``WRITE_AHEAD`` bytes wait to be written."""
-
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(WRITERS)
-        self._room = threading.BoundedSemaphore(WRITE_AHEAD // CHUNK)
-        self._pending: list[concurrent.futures.Future[None]] = []
-
-    def write(self, path: str, data: bytes, mode: int, mtime: float) -> None:
-        slots = max(1, min(len(data) // CHUNK, WRITE_AHEAD // CHUNK))
-        for _ in range(slots):
-            self._room.acquire()
-        self._pending.append(self._pool.submit(self._write, path, data, mode, mtime, slots))
-        if len(self._pending) > 1024:
-            self._collect(wait=False)
-
-    def _write(self, path: str, data: bytes, mode: int, mtime: float, slots: int) -> None:
-        try:
-            write_file(path, [data], mode, mtime)
-        finally:
-            for _ in range(slots):
-                self._room.release()
-
-    def _collect(self, wait: bool) -> None:
-        done = [f for f in self._pending if wait or f.done()]
-        self._pending = [f for f in self._pending if f not in done]
-        for future in done:
-            future.result()
-
-    def close(self, ok: bool) -> None:
-        try:
-            if ok:
-                self._collect(wait=True)
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=not ok)
 
 
 def write_file(
@@ -370,63 +340,151 @@ def write_file(
         os.close(fd)
 
 
-def copy_member(tar: tarfile.TarFile, stream: Joined, member: tarfile.TarInfo, path: str) -> None:
-    """Write a large member (a pack) straight from the stream to its file: spliced from
-    ``zstd -d``'s output, or written from the downloaded buffers themselves, never copied
-    through Python objects, where most of a snapshot's bytes would otherwise go.
+# --- the tar ------------------------------------------------------------------------------
 
-    tarfile's stream has read ahead at most its small buffer: those bytes are written
-    first, the rest copied, and the stream's position moved past the member, so that
-    tarfile goes on with the next header as if it had read the data itself."""
-    tar_stream: Any = tar.fileobj  # tarfile's _Stream
-    head = tar_stream.buf[: member.size]
-    tar_stream.buf = tar_stream.buf[len(head) :]
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE, _DIRECTORY, _SYMLINK = b"0", b"5", b"2"
+# What else a tar may hold: the same as a file (old and contiguous files), or headers that
+# describe the next member (pax, GNU long names), or a pax global header (git archive
+# writes one, a comment holding the commit id). Anything else is refused by _checked.
+_AS_FILE = (b"\0", b"7")
+_PAX, _PAX_GLOBAL, _LONG_NAME, _LONG_LINK = b"x", b"g", b"L", b"K"
 
-    def rest(fd: int) -> None:
-        stream.copy_to(fd, member.size - len(head), member.name)
 
-    write_file(path, [head], member.mode, member.mtime, fill=rest)
-    tar_stream.pos += member.size
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise Failed("the snapshot is not a valid tar: a damaged header") from None
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``LENGTH KEY=VALUE\\n`` records (POSIX pax)."""
+    records, at = {}, 0
+    while at < len(data) and data[at] != 0:
+        length = int(data[at : data.index(b" ", at)])
+        record = data[at : at + length]
+        key, _, value = record[record.index(b" ") + 1 : -1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        at += length
+    return records
+
+
+class TarReader:
+    """The members of the tar read from ``stream``, parsed here rather than by the
+    tarfile module, whose pure-Python header parsing and buffering cost more than the
+    creation of a small file: the header fields the extraction needs, checked against
+    their checksum; long names from pax and GNU headers."""
+
+    def __init__(self, stream: Joined) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            data = self._stream.read(CHUNK)
+            if not data:
+                raise Failed("the snapshot is not a complete tar: it ends inside a member")
+            self._buf += data
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes of the tar (a member's content and padding)."""
+        self._fill(n)
+        with memoryview(self._buf) as view:
+            data = bytes(view[:n])
+        del self._buf[:n]  # from the front of a bytearray: no copy of the rest
+        return data
+
+    def copy_to(self, fd: int, n: int, name: str) -> None:
+        """Write the next ``n`` bytes into ``fd``: what was read ahead, then straight from
+        the stream (spliced, or from the download's buffers)."""
+        ahead = min(n, len(self._buf))
+        with memoryview(self._buf) as view:
+            _write_all(fd, view[:ahead])
+        del self._buf[:ahead]
+        self._stream.copy_to(fd, n - ahead, name)
+
+    def skip(self, n: int) -> None:
+        self.read(n)
+
+    def __iter__(self) -> Iterator[Member]:
+        extended: dict[str, str] = {}
+        while True:
+            block = self.read(_BLOCK)
+            if block == _ZERO_BLOCK:
+                return  # the end of the archive
+            stored = _number(block[148:156])
+            if sum(block) - sum(block[148:156]) + 8 * 32 != stored:
+                raise Failed("the snapshot is not a valid tar: a header checksum is wrong")
+            kind, size = block[156:157], _number(block[124:136])
+            if kind in (_PAX, _PAX_GLOBAL, _LONG_NAME, _LONG_LINK):
+                data = self.read(size + (-size % _BLOCK))[:size]
+                if kind == _PAX:
+                    extended.update(_pax_records(data))
+                elif kind == _LONG_NAME:
+                    extended["path"] = _text(data)
+                elif kind == _LONG_LINK:
+                    extended["linkpath"] = _text(data)
+                continue
+            name = _text(block[0:100])
+            if block[257:263] == b"ustar\0" and block[345]:  # a POSIX prefix
+                name = _text(block[345:500]) + "/" + name
+            kind = _FILE if kind in _AS_FILE else kind
+            mtime = float(extended.get("mtime", _number(block[136:148])))
+            yield Member(
+                name=extended.get("path", name),
+                kind=kind,
+                size=int(extended.get("size", size)) if kind == _FILE else 0,
+                mode=_number(block[100:108]),
+                mtime=mtime,
+                linkname=extended.get("linkpath", _text(block[157:257])),
+            )
+            extended = {}
 
 
 def extract(stream: Joined, root: Path) -> None:
     """Extract the tar read from ``stream`` into the new directory ``root``."""
     symlinks: set[str] = set()
     made: set[str] = {""}
-    writer = Writer()
-    ok = False
+    tar = TarReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-            # tarfile's own stream, whose read-ahead copy_member() takes over
-            large = hasattr(tar.fileobj, "buf") and hasattr(tar.fileobj, "pos")
-            for member in tar:
-                name = _checked(member, symlinks)
-                target = os.path.join(root, name)
-                parent = name.rpartition("/")[0]
-                if parent not in made:
-                    os.makedirs(os.path.join(root, parent), exist_ok=True)
-                    made.add(parent)
-                if member.isdir():
-                    os.makedirs(target, exist_ok=True)
-                    made.add(name)
-                elif member.issym():  # kept as git would check it out, wherever it points
-                    os.symlink(member.linkname, target)
-                    symlinks.add(name)
-                elif large and member.size > WRITE_AHEAD // 4:
-                    copy_member(tar, stream, member, target)
-                else:
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    if member.size <= WRITE_AHEAD // 4:
-                        writer.write(target, source.read(), member.mode, member.mtime)
-                    else:  # streamed here rather than held
-                        pieces = iter(functools.partial(source.read, CHUNK), b"")
-                        write_file(target, pieces, member.mode, member.mtime)
-        ok = True
+        for member in tar:
+            name = _checked(member, symlinks)
+            target = os.path.join(root, name)
+            parent = name.rpartition("/")[0]
+            if parent not in made:
+                os.makedirs(os.path.join(root, parent), exist_ok=True)
+                made.add(parent)
+            if member.kind == _DIRECTORY:
+                os.makedirs(target, exist_ok=True)
+                made.add(name)
+            elif member.kind == _SYMLINK:  # kept as git would check it out, wherever it points
+                os.symlink(member.linkname, target)
+                symlinks.add(name)
+            elif member.size <= LARGE:
+                # Written here: a thread of writers costs more in handing over than
+                # the creation of a small file does (measured on ext4 and tmpfs).
+                data = tar.read(member.size + (-member.size % _BLOCK))[: member.size]
+                write_file(target, [data], member.mode, member.mtime)
+            else:  # a large file (a pack): never held, never copied through Python
+                write_file(
+                    target,
+                    [],
+                    member.mode,
+                    member.mtime,
+                    fill=functools.partial(tar.copy_to, n=member.size, name=member.name),
+                )
+                tar.skip(-member.size % _BLOCK)
     except FileExistsError as exc:
         raise Failed(f"refused a path the snapshot writes twice: {exc.filename!r}") from None
-    finally:
-        writer.close(ok)
 
 
 # --- decompress ---------------------------------------------------------------------------
@@ -781,8 +839,6 @@ def _pipeline(
         # last frame's checksum too and exits by itself, and the download is all hashed.
         while joined.read(CHUNK):
             pass
-    except tarfile.TarError as exc:
-        failure.append(Failed(f"the snapshot is not a complete tar: {exc}"))
     except (Failed, OSError) as exc:
         failure.append(exc)
     finally:

@@ -219,6 +219,45 @@ async def test_a_malicious_tar_writes_nothing_outside(tmp_path: Path, aiohttp_se
     assert leftovers(tmp_path) == ["outside", "work"]
 
 
+def odd_tar(info: tarfile.TarInfo, fmt: int = tarfile.PAX_FORMAT, damage: bool = False) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        tar.addfile(info, io.BytesIO(b"evil\n") if info.isreg() else None)
+    raw = bytearray(out.getvalue())
+    if damage:
+        raw[0] ^= 1  # the first header's name: its checksum no longer holds
+    return zstandard.ZstdCompressor(write_checksum=True).compress(bytes(raw))
+
+
+async def test_the_tar_reader_refuses_links_devices_long_escapes_and_damage(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """The client parses the tar itself: each of these is refused, nothing is written."""
+
+    def info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+        made = tarfile.TarInfo(name)
+        made.type, made.linkname, made.size = kind, link, 5 if kind == tarfile.REGTYPE else 0
+        return made
+
+    deep_escape = "a/" * 60 + "../" * 61 + "escaped"  # over 100 bytes: a long-name header
+    cases = {
+        odd_tar(info("hard", tarfile.LNKTYPE, "README.md")): "refused",
+        odd_tar(info("dev", tarfile.CHRTYPE)): "refused",
+        odd_tar(info("fifo", tarfile.FIFOTYPE)): "refused",
+        odd_tar(info(deep_escape)): "refused",  # pax path record
+        odd_tar(info(deep_escape), fmt=tarfile.GNU_FORMAT): "refused",  # GNU ././@LongLink
+        odd_tar(info("fine"), damage=True): "not a valid tar",
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    for body, says in cases.items():
+        server = await serve_bytes(aiohttp_server, body)
+        code, err = await run_client("--server", server, f"{HOST}/group/x", str(work / "a"))
+        assert code == 1 and says in err, err
+        assert leftovers(work) == []
+    assert leftovers(tmp_path) == ["work"]
+
+
 def test_the_client_needs_only_the_standard_library() -> None:
     source = Path(CLIENT).read_text()
     tree = ast.parse(source, feature_version=(3, 9))  # and it parses as Python 3.9
