@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gitcache import keys
 from gitcache.snapshot import jobs as jobs_module
+from gitcache.snapshot.frames import framing
 from tests.upstream import git
 
 
@@ -27,7 +28,7 @@ def wrap_build_tar(monkeypatch: Any, after_chunk: Callable[[int], Awaitable[None
         async with contextlib.aclosing(real(*args, **kwargs)) as chunks:
             async for chunk in chunks:
                 yield chunk
-                sent += len(chunk)
+                sent += len(framing(chunk)[0])  # Stored and Verbatim chunks wrap bytes
                 await after_chunk(sent)
 
     monkeypatch.setattr(jobs_module, "build_tar", wrapped)

@@ -14,7 +14,7 @@ import pytest
 
 from gitcache import keys
 from gitcache.errors import GitError
-from tests.helpers import extract, snapshot_url, status, wrap_build_tar
+from tests.helpers import extract, settled, snapshot_url, status, wrap_build_tar
 from tests.upstream import Upstream, git
 from tests.waiting import until
 
@@ -55,6 +55,7 @@ async def test_concurrent_cold_requests_share_one_clone_and_one_generation(
 
 async def _generations_done(client: Any) -> None:
     await until(lambda: not client.app[keys.SNAPSHOTS].running, "the generation's end", 20)
+    await settled(client)  # its clean-up too (the work directory goes after `running`)
 
 
 async def test_client_disconnect_does_not_stop_the_cache_fill(

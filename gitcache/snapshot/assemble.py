@@ -10,6 +10,9 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
+
+import zstandard
 
 from gitcache.errors import GitError
 from gitcache.files import CHUNK
@@ -17,7 +20,7 @@ from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import Checkout
 from gitcache.mirror.runner import git_env, run_git
 from gitcache.snapshot import gitdir
-from gitcache.snapshot.frames import Stored
+from gitcache.snapshot.frames import Stored, Verbatim
 from gitcache.snapshot.objects import Objects, gather
 from gitcache.snapshot.tarstream import (
     BLOCK,
@@ -63,7 +66,7 @@ async def _tail(
                     writer.result()
                     if not (chunk := await asyncio.to_thread(f.read, CHUNK)):
                         if skip is None or (whole and not f.tell()):
-                            raise GitError("git archive wrote no complete tar")
+                            raise GitError(f"{path.name} ended before it began")
                         return
                 else:
                     await asyncio.wait([writer], timeout=0.01)
@@ -79,6 +82,22 @@ async def _tail(
                 chunk = chunk[dropped:]
             if chunk:
                 yield chunk
+
+
+async def _compress(
+    tree: AsyncGenerator[bytes, None], path: Path, compressor: zstandard.ZstdCompressor
+) -> None:
+    """Compress ``tree`` into one zstd frame in a new file ``path``, as it comes. The tree
+    is compressed on a thread of its own while the packs before it in the snapshot are
+    stored: it costs about a quarter of a second per 60 MB, which then overlaps with the
+    rest of the snapshot instead of following it."""
+    frame = compressor.compressobj()
+    with path.open("wb") as out:
+        async with contextlib.aclosing(tree) as chunks:
+            async for chunk in chunks:
+                data = await asyncio.to_thread(frame.compress, chunk)
+                await asyncio.to_thread(out.write, data)
+        await asyncio.to_thread(out.write, frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
 
 
 _GIT_DIRS = (
@@ -131,10 +150,13 @@ async def build_tar(
     *,
     git_timeout: float,
     archive_timeout: float,
-) -> AsyncGenerator[bytes | Stored, None]:
-    """Yield the snapshot's tar stream in chunks: bytes to compress, and :class:`Stored`
-    chunks (the packs) to store as they are. ``work`` is an empty directory on the
-    same filesystem as the mirror, owned by the caller (it removes it afterwards).
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> AsyncGenerator[bytes | Stored | Verbatim, None]:
+    """Yield the snapshot's tar stream in chunks: bytes to compress, :class:`Stored`
+    chunks (the packs) to store as they are, and, given a ``compressor``, the working
+    tree as :class:`Verbatim` zstd frames compressed beside the rest. ``work`` is an
+    empty directory on the same filesystem as the mirror, owned by the caller (it
+    removes it afterwards).
 
     ``git archive`` starts at once and writes the working tree to a file in ``work`` while
     the objects are gathered and sent: on two cores, resolving the tree's blobs (the slow
@@ -152,19 +174,33 @@ async def build_tar(
             stdout_path=worktree,
         )
     )
-    parts: AsyncGenerator[bytes | Stored, None]
+    tasks: list[asyncio.Future[Any]] = [archive]
+    parts: AsyncGenerator[bytes | Stored | Verbatim, None]
+    tree: AsyncGenerator[bytes | Verbatim, None] = _tail(worktree, archive)
+    if compressor is not None and variant.kind is not Kind.SOURCE:
+        frames = work / "worktree.tar.zst"
+        frames.touch()
+        tasks.append(asyncio.ensure_future(_compress(_tail(worktree, archive), frames, compressor)))
+        tree = _verbatim(_tail(frames, tasks[-1], whole=True))
     if variant.kind is Kind.SOURCE:  # the tree alone, as git archive makes it
         parts = _tail(worktree, archive, whole=True)
     else:
         timeouts = (git_timeout, archive_timeout)
-        parts = _clone(mirror, checkout, variant, work, _tail(worktree, archive), timeouts)
+        parts = _clone(mirror, checkout, variant, work, tree, timeouts)
     try:
         async with contextlib.aclosing(parts) as it:
             async for chunk in it:
                 yield chunk
     finally:
-        archive.cancel()  # kills the git child if it still runs
-        await asyncio.gather(archive, return_exceptions=True)
+        for task in tasks:
+            task.cancel()  # kills the git child if it still runs
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _verbatim(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[Verbatim, None]:
+    async with contextlib.aclosing(chunks) as it:
+        async for chunk in it:
+            yield Verbatim(chunk)
 
 
 async def _clone(
@@ -172,9 +208,9 @@ async def _clone(
     checkout: Checkout,
     variant: Variant,
     work: Path,
-    tree: AsyncGenerator[bytes, None],
+    tree: AsyncGenerator[bytes | Verbatim, None],
     timeouts: tuple[float, float],
-) -> AsyncGenerator[bytes | Stored, None]:
+) -> AsyncGenerator[bytes | Stored | Verbatim, None]:
     """A clone's tar: ``.git`` (its objects gathered as the variant says, its index from
     ``git read-tree``), then the working tree ``tree`` yields."""
     git_timeout, objects_timeout = timeouts

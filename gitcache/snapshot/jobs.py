@@ -6,6 +6,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from gitcache.config import Config
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import Checkout
@@ -43,4 +45,9 @@ class SnapshotJob:
             git_timeout=self.config.mirrors.git_timeout,
             # An archive of a large tree may take as long as its clone did.
             archive_timeout=self.config.mirrors.clone_timeout,
+            compressor=zstandard.ZstdCompressor(
+                level=self.config.snapshot.zstd_level,
+                threads=self.config.snapshot.zstd_threads,
+                write_checksum=True,
+            ),
         )
