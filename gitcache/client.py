@@ -356,10 +356,7 @@ def _number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise Failed("the snapshot is not a valid tar: a damaged header") from None
+    return int(text, 8) if text else 0  # ValueError: see TarReader.__iter__
 
 
 def _text(field: bytes) -> str:
@@ -371,6 +368,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
     records, at = {}, 0
     while at < len(data) and data[at] != 0:
         length = int(data[at : data.index(b" ", at)])
+        if length <= 0:
+            raise ValueError(f"a pax record of length {length}")
         record = data[at : at + length]
         key, _, value = record[record.index(b" ") + 1 : -1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
@@ -416,6 +415,12 @@ class TarReader:
         self.read(n)
 
     def __iter__(self) -> Iterator[Member]:
+        try:
+            yield from self._members()
+        except (ValueError, IndexError) as exc:  # a number, a record that does not parse
+            raise Failed(f"the snapshot is not a valid tar: {exc}") from None
+
+    def _members(self) -> Iterator[Member]:
         extended: dict[str, str] = {}
         while True:
             block = self.read(_BLOCK)
@@ -860,6 +865,13 @@ def stamp_index(root: Path) -> bool:
     rehash the whole tree. Each entry gets what ``lstat`` says now, exactly what a
     checkout records, so a later change to a file is still seen. Whether it was done:
     an index of a version this does not know is left as it is."""
+    try:
+        return _stamp_index(root)
+    except (OSError, ValueError, IndexError, struct.error) as exc:
+        raise Failed(f"the snapshot's git index cannot be used: {exc}") from None
+
+
+def _stamp_index(root: Path) -> bool:
     path = root / ".git" / "index"
     data = path.read_bytes()
     if data[:4] != b"DIRC" or struct.unpack(">I", data[4:8])[0] not in (2, 3):

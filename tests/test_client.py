@@ -178,6 +178,29 @@ async def test_a_damaged_stored_frame_is_caught_with_or_without_zstd(
     assert tree(scratch / "checked") == tree(scratch / "streamed")
 
 
+async def test_frames_of_every_kind_are_walked_where_stored_frames_are_looked_for(
+    client: Any, rich: str, scratch: Path, aiohttp_server: Any
+) -> None:
+    """A checked download is walked frame by frame: a skippable frame that is not ours,
+    frames with their content size, RLE blocks (zeros after the tar's end), all of it
+    still decoded by zstd -d into the same clone."""
+    good = await (await client.get(snapshot_url(rich))).read()
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(good), read_across_frames=True)
+    plain = tar.read()
+    one = zstandard.ZstdCompressor(write_checksum=True)
+    other = b"\x50\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"other"
+    half = len(plain) // 2
+    body = other + one.compress(plain[:half]) + one.compress(plain[half:] + bytes(300_000))
+    sha = '"' + hashlib.sha256(body).hexdigest() + '"'
+    server = await serve_bytes(
+        aiohttp_server, body, **{"Content-Length": str(len(body)), "ETag": sha}
+    )
+    code, err = await run_client("--server", server, f"{HOST}/{rich}", str(scratch / "a"))
+    assert code == 0, err
+    git("fsck", "--strict", "--no-progress", cwd=scratch / "a")
+    assert status(scratch / "a") == ""
+
+
 def test_the_client_knows_the_servers_stored_frames() -> None:
     """The client keeps its own copy of the frame markers (it imports nothing)."""
     assert client_module.STORED_MARK == frames.MARK
@@ -229,6 +252,17 @@ def odd_tar(info: tarfile.TarInfo, fmt: int = tarfile.PAX_FORMAT, damage: bool =
     return zstandard.ZstdCompressor(write_checksum=True).compress(bytes(raw))
 
 
+def pax_tar(records: bytes) -> bytes:
+    """A pax header holding ``records`` as they are, then a small file."""
+    head = tarfile.TarInfo("PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(records)
+    body = head.tobuf(format=tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+    member = tarfile.TarInfo("x")
+    member.size = 5
+    body += member.tobuf(format=tarfile.USTAR_FORMAT) + b"evil\n".ljust(512, b"\0")
+    return zstandard.ZstdCompressor().compress(body + b"\0" * 1024)
+
+
 async def test_the_tar_reader_refuses_links_devices_long_escapes_and_damage(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
@@ -247,6 +281,9 @@ async def test_the_tar_reader_refuses_links_devices_long_escapes_and_damage(
         odd_tar(info(deep_escape)): "refused",  # pax path record
         odd_tar(info(deep_escape), fmt=tarfile.GNU_FORMAT): "refused",  # GNU ././@LongLink
         odd_tar(info("fine"), damage=True): "not a valid tar",
+        pax_tar(b"0 path=x\n"): "not a valid tar",  # a record of length 0: no endless loop
+        pax_tar(b"12 size=abc\n"): "not a valid tar",
+        pax_tar(b"11 comment\n"): "git index",  # a valid tar, but not a clone
     }
     work = tmp_path / "work"
     work.mkdir()
