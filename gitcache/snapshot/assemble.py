@@ -176,15 +176,18 @@ async def build_tar(
     )
     tasks: list[asyncio.Future[Any]] = [archive]
     parts: AsyncGenerator[bytes | Stored | Verbatim, None]
-    tree: AsyncGenerator[bytes | Verbatim, None] = _tail(worktree, archive)
-    if compressor is not None and variant.kind is not Kind.SOURCE:
-        frames = work / "worktree.tar.zst"
-        frames.touch()
-        tasks.append(asyncio.ensure_future(_compress(_tail(worktree, archive), frames, compressor)))
-        tree = _verbatim(_tail(frames, tasks[-1], whole=True))
     if variant.kind is Kind.SOURCE:  # the tree alone, as git archive makes it
         parts = _tail(worktree, archive, whole=True)
     else:
+        tree: AsyncGenerator[bytes | Verbatim, None]
+        if compressor is None:
+            tree = _tail(worktree, archive)
+        else:
+            frames = work / "worktree.tar.zst"
+            frames.touch()
+            compressing = _compress(_tail(worktree, archive), frames, compressor)
+            tasks.append(asyncio.ensure_future(compressing))
+            tree = _verbatim(_tail(frames, tasks[-1], whole=True))
         timeouts = (git_timeout, archive_timeout)
         parts = _clone(mirror, checkout, variant, work, tree, timeouts)
     try:
