@@ -163,6 +163,15 @@ def open_snapshot(
         raise ServerDown(f"gitcache cannot be reached: {getattr(exc, 'reason', exc)}") from None
 
 
+def _no_signals() -> None:
+    """Run at the start of every thread but the main one: the kernel then delivers Ctrl-C
+    (SIGINT) and SIGTERM to the main thread, whose blocking read or wait it interrupts.
+    Delivered to another thread, it would only set a flag that the main thread, blocked
+    on a pipe or a queue, never looks at."""
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 class Download:
     """A snapshot's bytes, in order, verified at the end.
 
@@ -196,7 +205,7 @@ class Download:
         pieces = self._segments() if ranged else self._stream(self.first, 0)
         # Hashed on a thread of its own, one piece behind: while zstd takes a piece, the
         # pipe between us holds 64 KiB, so hashing it first would stall zstd meanwhile.
-        hashing = concurrent.futures.ThreadPoolExecutor(1)
+        hashing = concurrent.futures.ThreadPoolExecutor(1, initializer=_no_signals)
         try:
             hashed: concurrent.futures.Future[None] | None = None
             for piece in pieces:
@@ -274,7 +283,7 @@ class Download:
         assert self.size is not None
         bounds = [(a, min(a + SEGMENT, self.size) - 1) for a in range(0, self.size, SEGMENT)]
         yield self._segment(*bounds[0], self.first)
-        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL, initializer=_no_signals) as pool:
             ahead: collections.deque[concurrent.futures.Future[bytearray]] = collections.deque()
             rest = iter(bounds[1:])
             for start, end in itertools.islice(rest, PARALLEL):
@@ -500,6 +509,7 @@ STORED_MARK = b"\x5e\x2a\x4d\x18" + (15).to_bytes(4, "little") + b"gitcache:stor
 STORED_HEADER = b"\x28\xb5\x2f\xfd\x04\x38"
 _ZSTD_MAGIC = 0xFD2FB528
 _RAW_BLOCK, _RLE_BLOCK, _COMPRESSED_BLOCK = 0, 1, 2
+STOP_WAIT = 2.0  # seconds a failed or interrupted clone waits for the decoding thread
 RAW_AHEAD = 4  # stored pieces (up to a segment each) decoded and not yet written, at most
 
 
@@ -722,6 +732,7 @@ class _Decoder:
         self._zstd: _ZstdRun | None = None
 
     def run(self, chunks: Iterator[Buffer], failure: list[BaseException]) -> None:
+        _no_signals()
         cursor = _Cursor(chunks)
         try:
             if not self._stored:
@@ -838,18 +849,22 @@ def _pipeline(
         target=_Decoder(joined, complaints, stored).run, args=(chunks, failure), daemon=True
     )
     decoder.start()
+    done = False
     try:
         extract(joined, root)
         # The tar ends before the stream does (padding): read it all, so zstd checks the
         # last frame's checksum too and exits by itself, and the download is all hashed.
         while joined.read(CHUNK):
             pass
+        done = True
     except (Failed, OSError) as exc:
         failure.append(exc)
     finally:
-        if failure:
+        if not done:  # failed, or interrupted (Ctrl-C): stop zstd and the decoding
             joined.stop()
-        decoder.join()
+        # A download stalled on the network is not waited for: the decoding thread writes
+        # no file, so the caller may remove the directory and exit while it still waits.
+        decoder.join(timeout=None if done else STOP_WAIT)
         joined.finish()
     return failure
 
@@ -968,10 +983,11 @@ def from_gitcache(
             target.rmdir()  # empty, checked above
         temporary.rename(target)
     except BaseException:
+        # Not download.first.close(): a decoding thread still reading it (a stalled
+        # server) holds its lock, and the close would wait for it. It goes with the process.
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    finally:
-        download.first.close()
+    download.first.close()
     headers = download.headers
     if not args.quiet:
         print(
@@ -1021,16 +1037,39 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled): cleaned up after as Ctrl-C is."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return clone(args)
     except Failed as exc:
         print(f"gitcache: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("gitcache: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _leave(1)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print("gitcache: " + ("terminated" if terminated else "interrupted"), file=sys.stderr)
+        return _leave(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
+def _leave(code: int) -> int:
+    """Exit now if a download thread still waits on the network (a stalled server): its
+    work is abandoned, its directory already removed, and the interpreter would otherwise
+    wait for it at exit (the thread pools' workers are joined, daemons or not) until the
+    socket times out."""
+    if threading.active_count() > 1:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import re
+import signal
 import stat
 import sys
 import tarfile
@@ -205,6 +206,75 @@ def test_the_client_knows_the_servers_stored_frames() -> None:
     """The client keeps its own copy of the frame markers (it imports nothing)."""
     assert client_module.STORED_MARK == frames.MARK
     assert client_module.STORED_HEADER == frames.HEADER
+
+
+async def interrupted(
+    server: str, repo: str, target: Path, how: signal.Signals = signal.SIGINT
+) -> tuple[int | None, bytes]:
+    """Run the client against ``server``, Ctrl-C it (or ``how``) once its download is
+    under way."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        CLIENT,
+        "clone",
+        "--quiet",
+        "--server",
+        server,
+        f"{HOST}/{repo}",
+        str(target),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(100):  # until the download is under way
+        if any(p.name.startswith(f".{target.name}.gitcache-") for p in target.parent.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    proc.send_signal(how)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=10)
+    return proc.returncode, err
+
+
+async def test_ctrl_c_or_sigterm_mid_download_stops_at_once_and_leaves_nothing(
+    client: Any, upstream: Upstream, big_work: Path, scratch: Path, aiohttp_server: Any
+) -> None:
+    """A server that sends part of the snapshot and then nothing, in one stream or in
+    ranged segments: Ctrl-C ends the client at once (zstd and the download threads are
+    stopped or abandoned, not waited for), with nothing left behind."""
+    upstream.create("big", big_work)
+    good = await (await client.get(snapshot_url("big"))).read()
+    sha = '"' + hashlib.sha256(good).hexdigest() + '"'
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", ""))
+        ranged = request.path.startswith("/ranged/") and match is not None
+        response = web.StreamResponse(status=206 if ranged else 200, headers={"ETag": sha})
+        start, end = 0, len(good) - 1
+        if ranged and match is not None:
+            start, end = int(match[1]), min(int(match[2] or end), end)
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{len(good)}"
+        response.content_length = end - start + 1
+        await response.prepare(request)
+        if start == 0:  # the first request: all its segment, or half the whole; then nothing
+            await response.write(good[: end + 1 if ranged else len(good) // 2])
+            if ranged:
+                await response.write_eof()
+                return response
+        await asyncio.sleep(60)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", stall)
+    port = (await aiohttp_server(app)).port
+    for prefix in ("/whole", "/ranged"):
+        server = f"http://127.0.0.1:{port}{prefix}"
+        code, err = await interrupted(server, "big", scratch / "a")
+        assert code == 130, err
+        assert b"interrupted" in err
+        assert leftovers(scratch) == []
+    # SIGTERM (a cancelled CI job) is cleaned up after the same way
+    code, err = await interrupted(server, "big", scratch / "a", signal.SIGTERM)
+    assert code == 143 and b"terminated" in err, err
+    assert leftovers(scratch) == []
 
 
 def malicious(member: str, *, link: str | None = None, then: str | None = None) -> bytes:
