@@ -237,10 +237,9 @@ def clone_request(upstream: Upstream, repo: str) -> bytes:
     )
 
 
-async def test_pack_followers_are_limited_like_snapshot_ones(
-    make_client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    upstream.create("big", big_work)
+def slow_upload_pack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every upload-pack response pause between chunks: it lasts long enough for a
+    second client to join it, or for one to leave mid-pack."""
     real = smart_service.upload_pack
 
     async def slow(*args: Any, **kwargs: Any) -> Any:
@@ -249,6 +248,13 @@ async def test_pack_followers_are_limited_like_snapshot_ones(
             yield chunk
 
     monkeypatch.setattr(smart_service, "upload_pack", slow)
+
+
+async def test_pack_followers_are_limited_like_snapshot_ones(
+    make_client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.create("big", big_work)
+    slow_upload_pack(monkeypatch)
     client = await make_client(server={"max_clients_per_generation": 1})
     await agit("ls-remote", via(client, "big"))
     url = client.make_url(f"/git/{HOST}/big/git-upload-pack")
@@ -266,14 +272,7 @@ async def test_a_client_that_leaves_mid_pack_does_not_stop_the_others(
     client: Any, upstream: Upstream, big_work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream.create("big", big_work)
-    real = smart_service.upload_pack
-
-    async def slow(*args: Any, **kwargs: Any) -> Any:
-        async for chunk in real(*args, **kwargs):
-            await asyncio.sleep(0.005)
-            yield chunk
-
-    monkeypatch.setattr(smart_service, "upload_pack", slow)
+    slow_upload_pack(monkeypatch)
     await agit("ls-remote", via(client, "big"))
     body = clone_request(upstream, "big")
     url = client.make_url(f"/git/{HOST}/big/git-upload-pack")
