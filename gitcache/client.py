@@ -338,9 +338,7 @@ def write_file(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         for piece in data:
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, piece)
         if fill is not None:
             fill(fd)
         os.fchmod(fd, 0o755 if mode & 0o100 else 0o644)
@@ -510,7 +508,7 @@ STORED_HEADER = b"\x28\xb5\x2f\xfd\x04\x38"
 _ZSTD_MAGIC = 0xFD2FB528
 _RAW_BLOCK, _RLE_BLOCK, _COMPRESSED_BLOCK = 0, 1, 2
 STOP_WAIT = 2.0  # seconds a failed or interrupted clone waits for the decoding thread
-RAW_AHEAD = 4  # stored pieces (up to a segment each) decoded and not yet written, at most
+RAW_AHEAD = 4  # stored blocks (128 KiB at most) handed over and not yet written, at most
 
 
 class _Cursor:

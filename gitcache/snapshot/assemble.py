@@ -92,11 +92,15 @@ async def _compress(
     stored: it costs about a quarter of a second per 60 MB, which then overlaps with the
     rest of the snapshot instead of following it."""
     frame = compressor.compressobj()
+
     with path.open("wb") as out:
+
+        def add(data: bytes) -> None:  # one hop to a thread per chunk, not two
+            out.write(frame.compress(data))
+
         async with contextlib.aclosing(tree) as chunks:
             async for chunk in chunks:
-                data = await asyncio.to_thread(frame.compress, chunk)
-                await asyncio.to_thread(out.write, data)
+                await asyncio.to_thread(add, chunk)
         await asyncio.to_thread(out.write, frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
 
 
