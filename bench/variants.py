@@ -74,7 +74,8 @@ def run(bare: Path, runs: int, work: Path) -> None:
                 f"{clone_s / restore:>9.1f}x{full_restore / restore:>8.1f}x"
             )
     print(
-        "\nmiss: a warm mirror, the variant not cached; restore: curl | zstd -d | tar -x of a"
+        "\nmiss: a warm mirror, the variant not cached, the commit's working tree stored (the"
+        "\nfirst miss stored it); restore: curl | zstd -d | tar -x of a"
         "\nhit; git clone: the matching option over HTTP; vs clone / vs full: how many times"
         "\nfaster the restore is than that clone, and than restoring the full snapshot."
     )

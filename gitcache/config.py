@@ -190,6 +190,13 @@ class SnapshotConfig(Section):
     zstd_threads: StrictInt = Field(
         0, ge=-1, le=64, description="0: one compression thread; N: N workers; -1: one per core"
     )
+    keep_trees: StrictInt = Field(
+        4,
+        ge=0,
+        le=1000,
+        description="compressed working trees kept per repository (the newest used), which "
+        "the snapshots of one commit share; `0`: none",
+    )
 
 
 class DiskCacheConfig(Section):

@@ -26,6 +26,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 RESULTS = ("ok", "failed")  # the one vocabulary of every ``result`` label
 GENERATION_KINDS = ("snapshot", "pack")  # what a generation makes
+TREE_OUTCOMES = ("built", "reused", "damaged")  # of a snapshot's working tree (see trees)
 GIT_LABELS = (
     ("info-refs", "mirror"),
     *(("upload-pack", source) for source in ("hit", "miss", "follower", "mirror")),
@@ -129,6 +130,13 @@ class Metrics:
             "gitcache_generation_bytes_total",
             "Bytes written by generations (compressed, for snapshots).",
             ["kind"],
+            registry=r,
+        )
+        self.trees = Counter(
+            "gitcache_trees_total",
+            "Working trees of snapshots: built (git archive | zstd), reused from the tree "
+            "store, or found damaged there (removed, built again).",
+            ["outcome"],
             registry=r,
         )
         self.generations_in_flight = Gauge(
@@ -276,6 +284,8 @@ class Metrics:
             self.generation_duration.labels(kind)
             for result in RESULTS:
                 self.generations.labels(kind, result)
+        for outcome in TREE_OUTCOMES:
+            self.trees.labels(outcome)
         for result in RESULTS:
             self.refresh_jobs.labels(result)
             for operation in MIRROR_OPERATIONS:

@@ -17,6 +17,12 @@ class StatePaths:
         return self.root / "mirrors"
 
     @property
+    def trees(self) -> Path:
+        """``<host>/<repo slug>/``: compressed working trees of recent commits, which the
+        snapshots of one commit share (see snapshot/trees.py)."""
+        return self.root / "trees"
+
+    @property
     def cache(self) -> Path:
         """``<host>/<repo slug>/``: the disk tier's snapshots and manifests."""
         return self.root / "cache"

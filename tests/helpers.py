@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from prometheus_client.parser import text_string_to_metric_families
 
 from gitcache import keys
@@ -64,6 +65,17 @@ def extract(data: bytes, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run("zstd -d -q -c | tar -x -C " + str(dest), shell=True, input=data, check=True)
     return dest
+
+
+def stored_trees(state_dir: Path) -> list[Path]:
+    """The tree store's files (``trees/<host>/<repo>/<commit>.<level>.<xxh3>.tar.zst``),
+    each checked: its content has the digest its name gives, and decodes."""
+    kept = sorted((state_dir / "trees").glob("*/*/*.tar.zst"))
+    for path in kept:
+        digest = path.name.removesuffix(".tar.zst").rsplit(".", 1)[-1]
+        assert xxhash.xxh3_128(path.read_bytes()).hexdigest() == digest, path
+        subprocess.run(["zstd", "-t", "-q", str(path)], check=True)
+    return kept
 
 
 def tree(root: Path) -> dict[str, tuple[str, object]]:

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gitcache.mirror.leftovers import working_in
-from tests.helpers import HOST, extract, snapshot_url, status
+from tests.helpers import HOST, extract, snapshot_url, status, stored_trees
 from tests.processes import GitcacheProcess, start_gitcache
 from tests.upstream import Upstream, agit, commit_all, git
 from tests.waiting import until
@@ -116,6 +116,7 @@ async def test_sigkill_at_random_moments_never_serves_a_partial_snapshot(
             assert working_in(state) == []
             assert list((state / "spool").iterdir()) == []
             assert list((state / "tmp").iterdir()) == []
+            stored_trees(state)  # only complete working trees were ever stored
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(again.base + snapshot_url("big")) as response,

@@ -278,10 +278,13 @@ async def test_idle_mirror_is_evicted(
     client = await make_client(clock=clock, background=False, mirrors={"evict_after": "1d"})
     await get(client, snapshot_url(rich))
     mirror = state_dir / "mirrors" / HOST / "group%2Frich.git"
+    trees = state_dir / "trees" / HOST / "group%2Frich"
     assert mirror.exists()
+    assert list(trees.iterdir())
     clock.now += 2 * 86400
     await client.app[keys.REFRESHER].run_due()
     assert not mirror.exists()
+    assert not trees.exists()  # what was derived from the mirror goes with it
     assert REPO not in client.app[keys.REFRESHER].repos
 
 

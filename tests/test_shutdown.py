@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gitcache import keys
-from gitcache.snapshot import assemble
+from gitcache.snapshot import trees
 from tests.helpers import processes_mentioning, snapshot_url, wrap_build_tar
 from tests.upstream import Upstream
 from tests.waiting import until
@@ -29,7 +29,7 @@ async def test_shutdown_mid_generation(
         await asyncio.sleep(0.2)
 
     wrap_build_tar(monkeypatch, slowly)
-    real_run_git = assemble.run_git
+    real_run_git = trees.run_git
 
     async def napping_archive(args: list[str], **kwargs: Any) -> bytes:
         """git archive, after a git child that sleeps: one still runs at the shutdown."""
@@ -38,7 +38,7 @@ async def test_shutdown_mid_generation(
             await real_run_git(nap, timeout=kwargs["timeout"])
         return await real_run_git(args, **kwargs)
 
-    monkeypatch.setattr(assemble, "run_git", napping_archive)
+    monkeypatch.setattr(trees, "run_git", napping_archive)
     client = await make_client()
     async with aiohttp.ClientSession() as session:
         response = await session.get(client.make_url(snapshot_url("big")))

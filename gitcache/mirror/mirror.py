@@ -22,6 +22,7 @@ class Mirror:
     config: ConfigEntries
     secrets: dict[str, str] = field(repr=False)
     allow_private: bool
+    trees: Path  # its commits' compressed working trees (see snapshot/trees.py)
     lock: RWLock = field(default_factory=RWLock)
     refs: RefState | None = None
     fetched_at: float = 0.0

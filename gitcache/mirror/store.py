@@ -121,7 +121,8 @@ class MirrorStore:
             if upstream.token:
                 config = credential_config(url)
                 secrets = credential_secrets(upstream.username, upstream.token)
-            mirror = Mirror(repo, path, url, config, secrets, upstream.allow_private)
+            trees = self._config.server.paths.trees / repo.host / repo.slug
+            mirror = Mirror(repo, path, url, config, secrets, upstream.allow_private, trees)
             self._mirrors[repo] = mirror
             stamp = path / FETCH_STAMP
             if stamp.exists():
@@ -275,10 +276,12 @@ class MirrorStore:
         """Remove a mirror (idle too long); a generation reading it finishes first."""
         trash = self.tmp / f"trash-{uuid.uuid4().hex}"
         async with mirror.lock.write():
+            self.tmp.mkdir(parents=True, exist_ok=True)
             if mirror.path.exists():
-                self.tmp.mkdir(parents=True, exist_ok=True)
                 mirror.path.rename(trash)
             mirror.refs, mirror.fetched_at = None, 0.0
+            # What was derived from it goes with it.
+            await self._remove(mirror.trees)
         await self._remove(trash)
         log.info("deleted the idle mirror of %s", mirror.repo.name)
 

@@ -1,6 +1,7 @@
 """A snapshot's tar, built straight from a bare mirror (no temporary checkout): the
 ``.git`` files generated in memory, the mirror's packs pinned by hard links, the index from
-``git read-tree``, the working tree from ``git archive``. See docs/architecture.md."""
+``git read-tree``, the working tree from ``git archive`` (shared by the snapshots of one
+commit: see ``trees``). See docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
-
-import zstandard
 
 from gitcache.errors import GitError
 from gitcache.files import CHUNK
@@ -22,14 +20,8 @@ from gitcache.mirror.runner import git_env, run_git
 from gitcache.snapshot import gitdir
 from gitcache.snapshot.frames import Stored, Verbatim
 from gitcache.snapshot.objects import Objects, gather
-from gitcache.snapshot.tarstream import (
-    BLOCK,
-    dir_entry,
-    file_entry,
-    global_header_length,
-    header,
-    padding,
-)
+from gitcache.snapshot.tarstream import dir_entry, file_entry, header, padding
+from gitcache.snapshot.trees import TreeStore
 from gitcache.variant import Kind, Variant
 
 
@@ -48,60 +40,6 @@ async def _file_chunks(
             remaining -= len(chunk)
             yield Stored(chunk) if stored else chunk
         yield padding(size)
-
-
-async def _tail(
-    path: Path, writer: asyncio.Future[bytes], *, whole: bool = False
-) -> AsyncGenerator[bytes, None]:
-    """The tar ``git archive`` is writing to ``path``, as it grows, without its leading
-    pax global header (a comment holding the commit id) unless ``whole``; ends when git
-    has exited and everything was read, raising if git failed."""
-    skip: int | None = 0 if whole else None  # bytes of global header still to drop
-    head = b""
-    with path.open("rb") as f:
-        while True:
-            chunk = await asyncio.to_thread(f.read, CHUNK)
-            if not chunk:
-                if writer.done():
-                    writer.result()
-                    if not (chunk := await asyncio.to_thread(f.read, CHUNK)):
-                        if skip is None or (whole and not f.tell()):
-                            raise GitError(f"{path.name} ended before it began")
-                        return
-                else:
-                    await asyncio.wait([writer], timeout=0.01)
-                    continue
-            if skip is None:
-                head += chunk
-                if len(head) < BLOCK:
-                    continue
-                skip, chunk, head = global_header_length(head[:BLOCK]), head, b""
-            if skip:
-                dropped = min(skip, len(chunk))
-                skip -= dropped
-                chunk = chunk[dropped:]
-            if chunk:
-                yield chunk
-
-
-async def _compress(
-    tree: AsyncGenerator[bytes, None], path: Path, compressor: zstandard.ZstdCompressor
-) -> None:
-    """Compress ``tree`` into one zstd frame in a new file ``path``, as it comes. The tree
-    is compressed on a thread of its own while the packs before it in the snapshot are
-    stored: it costs about a quarter of a second per 60 MB, which then overlaps with the
-    rest of the snapshot instead of following it."""
-    frame = compressor.compressobj()
-
-    with path.open("wb") as out:
-
-        def add(data: bytes) -> None:  # one hop to a thread per chunk, not two
-            out.write(frame.compress(data))
-
-        async with contextlib.aclosing(tree) as chunks:
-            async for chunk in chunks:
-                await asyncio.to_thread(add, chunk)
-        await asyncio.to_thread(out.write, frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
 
 
 _GIT_DIRS = (
@@ -152,62 +90,32 @@ async def build_tar(
     variant: Variant,
     work: Path,
     *,
+    trees: TreeStore,
     git_timeout: float,
-    archive_timeout: float,
-    compressor: zstandard.ZstdCompressor | None = None,
+    objects_timeout: float,
 ) -> AsyncGenerator[bytes | Stored | Verbatim, None]:
     """Yield the snapshot's tar stream in chunks: bytes to compress, :class:`Stored`
-    chunks (the packs) to store as they are, and, given a ``compressor``, the working
-    tree as :class:`Verbatim` zstd frames compressed beside the rest. ``work`` is an
-    empty directory on the same filesystem as the mirror, owned by the caller (it
-    removes it afterwards).
+    chunks (the packs) to store as they are, and the working tree as :class:`Verbatim`
+    zstd frames (see ``trees``). ``work`` is an empty directory on the same filesystem as
+    the mirror, owned by the caller (it removes it afterwards).
 
-    ``git archive`` starts at once and writes the working tree to a file in ``work`` while
-    the objects are gathered and sent: on two cores, resolving the tree's blobs (the slow
-    part of archive) overlaps with sending the packs, instead of following it."""
-    worktree = work / "worktree.tar"
-    worktree.touch()  # there to be tailed before git has started
-    archive = asyncio.ensure_future(
-        run_git(
-            [
-                *("--git-dir", str(mirror.path), "-c", "tar.umask=022", "archive"),
-                *("--format=tar", "--end-of-options", checkout.commit),
-            ],
-            timeout=archive_timeout,
-            env=git_env(hermetic=True),
-            stdout_path=worktree,
-        )
-    )
-    tasks: list[asyncio.Future[Any]] = [archive]
+    A tree that is not stored yet starts at once (``git archive`` into a file in ``work``,
+    compressed on a thread of its own as it grows) while the objects are gathered and
+    sent: on two cores, resolving and compressing the tree's blobs overlaps with sending
+    the packs, instead of following them."""
+    tree = trees.tree(mirror, checkout.commit, work)
     parts: AsyncGenerator[bytes | Stored | Verbatim, None]
     if variant.kind is Kind.SOURCE:  # the tree alone, as git archive makes it
-        parts = _tail(worktree, archive, whole=True)
+        parts = tree.frames(header=True)
     else:
-        tree: AsyncGenerator[bytes | Verbatim, None]
-        if compressor is None:
-            tree = _tail(worktree, archive)
-        else:
-            frames = work / "worktree.tar.zst"
-            frames.touch()
-            compressing = _compress(_tail(worktree, archive), frames, compressor)
-            tasks.append(asyncio.ensure_future(compressing))
-            tree = _verbatim(_tail(frames, tasks[-1], whole=True))
-        timeouts = (git_timeout, archive_timeout)
-        parts = _clone(mirror, checkout, variant, work, tree, timeouts)
+        timeouts = (git_timeout, objects_timeout)
+        parts = _clone(mirror, checkout, variant, work, tree.frames(header=False), timeouts)
     try:
         async with contextlib.aclosing(parts) as it:
             async for chunk in it:
                 yield chunk
     finally:
-        for task in tasks:
-            task.cancel()  # kills the git child if it still runs
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _verbatim(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[Verbatim, None]:
-    async with contextlib.aclosing(chunks) as it:
-        async for chunk in it:
-            yield Verbatim(chunk)
+        await tree.close()
 
 
 async def _clone(
@@ -215,7 +123,7 @@ async def _clone(
     checkout: Checkout,
     variant: Variant,
     work: Path,
-    tree: AsyncGenerator[bytes | Verbatim, None],
+    tree: AsyncGenerator[Verbatim, None],
     timeouts: tuple[float, float],
 ) -> AsyncGenerator[bytes | Stored | Verbatim, None]:
     """A clone's tar: ``.git`` (its objects gathered as the variant says, its index from

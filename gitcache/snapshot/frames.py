@@ -98,3 +98,18 @@ class StoredFrame:
         pieces.append((self._checksum.intdigest() & 0xFFFFFFFF).to_bytes(4, "little"))
         self._held = None
         return pieces
+
+
+# A stored frame of one block, from its mark to its block header: what
+# :func:`single_stored_length` reads.
+SINGLE_PREFIX = len(MARK) + len(HEADER) + 3
+
+
+def single_stored_length(prefix: bytes) -> int:
+    """The length of the stored frame of one block (mark and checksum included) that
+    ``prefix`` (its first :data:`SINGLE_PREFIX` bytes) starts; ValueError if it is not
+    one."""
+    block = int.from_bytes(prefix[SINGLE_PREFIX - 3 : SINGLE_PREFIX], "little")
+    if prefix[: SINGLE_PREFIX - 3] != MARK + HEADER or block & 0b111 != _LAST:
+        raise ValueError("not a stored frame of one block")
+    return SINGLE_PREFIX + (block >> 3) + 4

@@ -6,14 +6,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 from gitcache.config import Config
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.refs import Checkout
 from gitcache.repo import RefSpec
 from gitcache.snapshot.assemble import build_tar
 from gitcache.snapshot.frames import Stored, Verbatim
+from gitcache.snapshot.trees import TreeStore
 
 
 @dataclass
@@ -22,6 +21,7 @@ class SnapshotJob:
     spec: RefSpec
     checkout: Checkout
     config: Config
+    trees: TreeStore
     kind: str = "snapshot"
 
     @property
@@ -42,12 +42,8 @@ class SnapshotJob:
             self.checkout,
             self.spec.variant,
             work,
+            trees=self.trees,
             git_timeout=self.config.mirrors.git_timeout,
-            # An archive of a large tree may take as long as its clone did.
-            archive_timeout=self.config.mirrors.clone_timeout,
-            compressor=zstandard.ZstdCompressor(
-                level=self.config.snapshot.zstd_level,
-                threads=self.config.snapshot.zstd_threads,
-                write_checksum=True,
-            ),
+            # Gathering a large history's objects may take as long as its clone did.
+            objects_timeout=self.config.mirrors.clone_timeout,
         )

@@ -28,6 +28,7 @@ from gitcache.snapshot.generation import (
 from gitcache.snapshot.jobs import SnapshotJob
 from gitcache.snapshot.producer import Producer
 from gitcache.snapshot.source import Source
+from gitcache.snapshot.trees import TreeStore
 from gitcache.variant import Kind
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class SnapshotService:
         self._clock = clock
         self.producer = producer
         self._generations = producer.running
+        self._trees = TreeStore(self._config, self._metrics)
 
     @property
     def generations_started(self) -> int:
@@ -202,7 +204,7 @@ class SnapshotService:
             return stream
         if want is Want.HEADERS:
             return Stream(checkout.commit, Source.MISS, None, mirror.fetched_at)
-        job = SnapshotJob(mirror, spec, checkout, self._config)
+        job = SnapshotJob(mirror, spec, checkout, self._config, self._trees)
         generation = self.producer.start(repo, key, job)
         body = self.producer.reader(generation) if want is Want.BODY else None
         return Stream(checkout.commit, Source.MISS, body, mirror.fetched_at)
