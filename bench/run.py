@@ -76,32 +76,43 @@ def curl(url: str) -> tuple[float, float, int]:
 
 def floor(mirror: Path, size: int, work: Path, archive: bool = True) -> float:
     """The least a miss must do, by C code on every core at once: writing as many bytes
-    as the snapshot has into a file (the cache entry) and their sha256 (OpenSSL's,
-    through hashlib, which lets go of the GIL), read from the mirror's packs, beside
-    (``archive``: a commit whose working tree is not stored yet) ``git archive`` of the
-    tree through ``zstd -3``. Nothing is sent to a client: a real miss does more."""
+    as the snapshot has into a file (the cache entry, fsynced), and, on a thread of its
+    own, their sha256 (OpenSSL's, through hashlib, which lets go of the GIL), both read
+    from the mirror's packs; beside them (``archive``: a commit whose working tree is not
+    stored yet) ``git archive`` of the tree through ``zstd -3``. Nothing is sent to a
+    client: a real miss does more."""
     packs = sorted((mirror / "objects" / "pack").glob("*.pack"))
     spool = work / "floor.spool"
 
+    def chunks() -> Iterator[bytes]:
+        left = size
+        while left:
+            for pack in packs:
+                with pack.open("rb") as f:
+                    while left and (data := f.read(min(1 << 20, left))):
+                        yield data
+                        left -= len(data)
+
     def store() -> None:
-        digest, left = hashlib.sha256(), size
         with spool.open("wb") as out:
-            while left:
-                for pack in packs:
-                    with pack.open("rb") as f:
-                        while left and (data := f.read(min(1 << 20, left))):
-                            out.write(data)
-                            digest.update(data)
-                            left -= len(data)
+            for data in chunks():
+                out.write(data)
             out.flush()
             os.fsync(out.fileno())
 
+    def digest() -> None:
+        sha256 = hashlib.sha256()
+        for data in chunks():
+            sha256.update(data)
+
     started = time.perf_counter()
-    storing = threading.Thread(target=store)
-    storing.start()
+    threads = [threading.Thread(target=store), threading.Thread(target=digest)]
+    for thread in threads:
+        thread.start()
     if archive:
         sh(f"git --git-dir {mirror} archive --format=tar HEAD | zstd -q -3 > /dev/null")
-    storing.join()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - started
     spool.unlink()
     return elapsed
