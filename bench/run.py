@@ -38,6 +38,8 @@ from pathlib import Path
 from aiohttp import web
 
 from bench.harness import run_in_work_dir, serve_in_thread, served_upstream
+from gitcache.files import SyncBehind
+from gitcache.snapshot.generation import SYNC_EVERY
 from tests.servers import free_port
 from tests.upstream import git
 
@@ -94,10 +96,12 @@ def floor(mirror: Path, size: int, work: Path, archive: bool = True) -> float:
                         left -= len(data)
 
     def store() -> None:
-        with spool.open("wb") as out:
+        with spool.open("wb", buffering=0) as out:
+            behind, written = SyncBehind(out.fileno(), SYNC_EVERY), 0
             for data in chunks():
-                out.write(data)
-            out.flush()
+                written += out.write(data)
+                behind.wrote(written)  # written back as it grows, as a spool is
+            behind.close()
             os.fsync(out.fileno())
 
     def digest() -> None:

@@ -29,7 +29,7 @@ SLOW_READ_CHUNK = 16 * 1024  # per read of a reader whose client is behind (see 
 PIPELINE_DEPTH = 4  # batches of CHUNK bytes between the tar producer and zstd
 _IOV_MAX = 512  # buffers per writev, well under the system's limit
 # A miss's spool is written back to disk as it grows rather than all at the end.
-_SYNC_EVERY = 32 * 1024 * 1024
+SYNC_EVERY = 32 * 1024 * 1024
 
 
 class SpoolWriter:
@@ -43,7 +43,7 @@ class SpoolWriter:
         self.size = 0
         self._hash = HashBehind()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._sync = SyncBehind(self._fd, _SYNC_EVERY)
+        self._sync = SyncBehind(self._fd, SYNC_EVERY)
         # Content checksums: every decoder (plain ``zstd -d`` too) rejects a flipped byte.
         self._cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
         self._compressing: zstandard.ZstdCompressionObj | None = None  # an open frame
