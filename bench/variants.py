@@ -75,9 +75,9 @@ def run(bare: Path, runs: int, work: Path) -> None:
             )
     print(
         "\nmiss: a warm mirror, the variant not cached, the commit's working tree stored (the"
-        "\nfirst miss stored it); restore: curl | zstd -d | tar -x of a"
-        "\nhit; git clone: the matching option over HTTP; vs clone / vs full: how many times"
-        "\nfaster the restore is than that clone, and than restoring the full snapshot."
+        "\nfirst miss stored it); restore: curl | zstd -d | tar -x of a hit; git clone: the"
+        "\nmatching option over HTTP; vs clone / vs full: how many times faster the restore"
+        "\nis than that clone, and than restoring the full snapshot."
     )
 
 

@@ -94,11 +94,13 @@ class TreeStore:
                 return
             if shutil.disk_usage(mirror.trees).free < self._min_free:
                 return
-            os.link(built, mirror.trees / f"{commit}.{self.level}.{digest}{SUFFIX}")
-            kept = sorted(
-                mirror.trees.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True
-            )
-            for old in kept[self.keep :]:
+            with contextlib.suppress(FileExistsError):  # another generation's, just now
+                os.link(built, mirror.trees / f"{commit}.{self.level}.{digest}{SUFFIX}")
+            used: list[tuple[float, Path]] = []
+            for path in mirror.trees.glob(f"*{SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):  # pruned by another, just now
+                    used.append((path.stat().st_mtime, path))
+            for _, old in sorted(used, reverse=True)[self.keep :]:
                 old.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not keep the working tree of %s: %s", commit[:12], exc)
