@@ -86,7 +86,7 @@ class TreeStore:
         """Link a complete tree into the store (unless one of the commit is there, or the
         disk is short of room) and drop the least recently used beyond ``keep``. It is
         a cache: failing to keep a tree costs a later snapshot time, nothing else."""
-        if not self.keep:
+        if not self.keep or not mirror.path.exists():  # deleted meanwhile: trees go with it
             return
         try:
             mirror.trees.mkdir(parents=True, exist_ok=True)
