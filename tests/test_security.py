@@ -23,7 +23,14 @@ from gitcache.mirror import addresses
 from gitcache.mirror.addresses import is_public, lookup
 from gitcache.repo import _SEGMENT, parse_ref, parse_repo
 from gitcache.settings import config_from_dict
-from tests.helpers import HOST, Clock, processes_mentioning, snapshot_url, wrap_build_tar
+from tests.helpers import (
+    HOST,
+    Clock,
+    processes_mentioning,
+    snapshot_url,
+    stored_trees,
+    wrap_build_tar,
+)
 from tests.upstream import Upstream
 
 TOKEN = "ghp_" + "S3cr3tT0k3n" * 3  # gitcache's own credential for the upstream
@@ -222,7 +229,9 @@ async def test_overload_sheds_with_retry_after_and_recovers(
     assert 'gitcache_overloaded_total{limit="max_generations"} 1.0' in metrics
 
 
-async def test_low_disk_space_still_streams_but_does_not_cache(make_client: Any, rich: str) -> None:
+async def test_low_disk_space_still_streams_but_does_not_cache(
+    make_client: Any, rich: str, state_dir: Path
+) -> None:
     client = await make_client(cache={"disk": {"min_free": "1000000TiB"}})
     for _ in range(2):
         response = await client.get(snapshot_url(rich))
@@ -230,6 +239,7 @@ async def test_low_disk_space_still_streams_but_does_not_cache(make_client: Any,
         await response.read()
     metrics = await (await client.get("/metrics")).text()
     assert "gitcache_disk_low_space 1.0" in metrics
+    assert stored_trees(state_dir) == []  # nor keeps working trees
 
 
 # --- the parser: nothing gets past it ---------------------------------------------------

@@ -14,6 +14,8 @@ import pytest
 import zstandard
 
 from gitcache import keys
+from gitcache.snapshot import trees as trees_module
+from tests.faults import fill, small_filesystem
 from tests.helpers import HOST, extract, snapshot_url, status, stored_trees, tree, wrap_build_tar
 from tests.upstream import Upstream, git
 
@@ -137,3 +139,37 @@ async def test_a_failed_generation_stores_no_tree(
     await client.app[keys.TASKS].settle("generate:")
     assert stored_trees(state_dir) == []
     assert list((state_dir / "tmp").iterdir()) == []
+
+
+async def test_a_full_disk_while_a_tree_is_built_keeps_nothing_half_made(
+    make_client: Any, rich: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file system fills up (a real one, ENOSPC) as the tree starts: that generation
+    fails, nothing of it is kept; with room again the next one builds and keeps the tree."""
+    with small_filesystem(tmp_path / "small", "64m") as state:
+        real = trees_module.Tree._build
+        filler: list[Path] = []
+
+        def full_as_it_starts(self: trees_module.Tree) -> None:
+            if not filler:
+                filler.append(fill(state))
+            real(self)
+
+        monkeypatch.setattr(trees_module.Tree, "_build", full_as_it_starts)
+        client = await make_client(state=state, cache={"disk": {"min_free": 0}})
+        response = await client.get(snapshot_url(rich))
+        if response.status == 200:  # the headers were out: the connection is cut
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        else:
+            assert response.status == 507
+            assert (await response.json())["code"] == "insufficient_storage"
+        await client.app[keys.TASKS].settle("generate:")
+        assert stored_trees(state) == []
+        assert list((state / "tmp").iterdir()) == []
+
+        filler[0].unlink()  # room again
+        body = await fetch(client, snapshot_url(rich))
+        checked_clone(body, tmp_path / "clone")
+        assert len(stored_trees(state)) == 1
+        await client.close()

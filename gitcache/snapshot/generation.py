@@ -14,7 +14,7 @@ from pathlib import Path
 
 import zstandard
 
-from gitcache.errors import GenerationFailed, GitcacheError
+from gitcache.errors import GenerationFailed, GitcacheError, StorageFull
 from gitcache.files import CHUNK, Descriptor, HashBehind, SyncBehind
 from gitcache.snapshot.frames import Framing, Stored, StoredFrame, Verbatim, framing
 from gitcache.tasks import run_blocking
@@ -262,6 +262,8 @@ class SpoolReader(Descriptor):
                 return want
             if generation.error is not None:
                 error = generation.error
+                if isinstance(error, StorageFull):
+                    raise StorageFull(error.message)
                 detail = f": {error.message}" if isinstance(error, GitcacheError) else ""
                 raise GenerationFailed(f"snapshot generation failed{detail}")
             if generation.done or (self._tier and generation.verified):

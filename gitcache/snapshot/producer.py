@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import shutil
 import time
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from gitcache.cache.base import Cache, Entry, Upload
 from gitcache.config import Config
-from gitcache.errors import GenerationFailed, GitcacheError, Overloaded
+from gitcache.errors import GenerationFailed, GitcacheError, Overloaded, StorageFull
 from gitcache.metrics import Metrics
 from gitcache.mirror.mirror import Mirror
 from gitcache.repo import RepoRef
@@ -136,6 +137,13 @@ class Producer:
             aborted = GenerationFailed("gitcache is shutting down")
             self._failed(repo, job, generation, aborted, True)
             raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self._failed(repo, job, generation, exc)
+            else:  # the clients are told so (507), as when a clone fills the disk
+                full = StorageFull(f"no space left on gitcache's disk for {repo.name}")
+                full.__cause__ = exc
+                self._failed(repo, job, generation, full)
         except Exception as exc:
             self._failed(repo, job, generation, exc)
         finally:
