@@ -32,7 +32,7 @@ import zstandard
 
 from gitcache.config import Config
 from gitcache.errors import GitError
-from gitcache.files import CHUNK
+from gitcache.files import CHUNK, hash_range
 from gitcache.metrics import Metrics
 from gitcache.mirror.mirror import Mirror
 from gitcache.mirror.runner import git_env, run_git
@@ -106,22 +106,19 @@ class TreeStore:
             log.warning("could not keep the working tree of %s: %s", commit[:12], exc)
 
 
-def _digest(path: Path) -> str:
-    digest = xxhash.xxh3_128()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _intact(path: Path, digest: str) -> bool:
     """Whether the file at ``path`` holds what its name promises; a stored tree that is
-    used is also marked as recently used."""
+    used is also marked as recently used. It is read once for this before it is spliced
+    in (from the page cache, then): checked as it streamed, a damaged tree could only fail
+    the snapshot; checked first, it is built again and the snapshot is whole."""
     try:
-        intact = _digest(path) == digest
-        if intact:
-            os.utime(path)
-        return intact
+        with path.open("rb") as f:
+            actual = xxhash.xxh3_128()
+            hash_range(actual, f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        if actual.hexdigest() != digest:
+            return False
+        os.utime(path)
+        return True
     except OSError:
         return False
 
@@ -229,8 +226,9 @@ class Tree:
                 async for chunk in chunks:
                     if head is not None:
                         head += chunk
-                        length = global_header_length(head[:BLOCK]) if len(head) >= BLOCK else -1
-                        if length < 0 or len(head) < length:
+                        if len(head) < BLOCK:
+                            continue
+                        if len(head) < (length := global_header_length(head[:BLOCK])):
                             continue
                         if length > BLOCK_MAX:
                             raise GitError("git archive wrote a global header of over 128 KiB")
