@@ -54,6 +54,16 @@ class Job(Protocol):
         """The spool's chunks; ``work`` is an empty directory of the job's own."""
 
 
+def _as_told(repo: RepoRef, exc: Exception) -> Exception:
+    """A generation's failure as its clients are told it: a full disk is 507, as when a
+    clone fills it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = StorageFull(f"no space left on gitcache's disk for {repo.name}")
+        full.__cause__ = exc
+        return full
+    return exc
+
+
 class Producer:
     """The generations running now, at most one per key: one mechanism, whatever the
     job (a snapshot's tar, an upload-pack response)."""
@@ -137,15 +147,8 @@ class Producer:
             aborted = GenerationFailed("gitcache is shutting down")
             self._failed(repo, job, generation, aborted, True)
             raise
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                self._failed(repo, job, generation, exc)
-            else:  # the clients are told so (507), as when a clone fills the disk
-                full = StorageFull(f"no space left on gitcache's disk for {repo.name}")
-                full.__cause__ = exc
-                self._failed(repo, job, generation, full)
         except Exception as exc:
-            self._failed(repo, job, generation, exc)
+            self._failed(repo, job, generation, _as_told(repo, exc))
         finally:
             writer.close()
             self.running.pop((repo, generation.key), None)
