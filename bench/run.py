@@ -206,7 +206,9 @@ class Bench:
         )
         for name, timings, archive in (("new commit", new, True), ("known tree", known, False)):
             total = statistics.median(t[1] for t in timings)
-            least = statistics.median(floor(mirror, size, self.work, archive) for _ in range(3))
+            least = statistics.median(
+                floor(mirror, size, self.work, archive) for _ in range(self.runs)
+            )
             print(
                 f"  {name:<13} {total * 1e3:8.1f} ms  reference {reference * 1e3:8.1f} ms"
                 f"  {reference / total:7.2f}x faster   ({size / 1e6:.1f} MB; floor "
